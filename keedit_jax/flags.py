@@ -138,7 +138,66 @@ class StructuredFlags:
         return tuple(int(part) for part in self.layers.split(","))
 
 
-FLAG_GROUPS = (ModelFlags, DataFlags, EditFlags, RunFlags, StructuredFlags)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LongFormFlags:
+    """Long-form methods (UnKE, AnyEdit, μKE); defaults are μKE's (specs/muke.md §4). The
+    shift optimisation and the MEMIT/AlphaEdit solve also read StructuredFlags."""
+
+    upstream_strategy: str = dataclasses.field(default="", metadata={
+        "help": "Override the method's token-weight strategy (ablations): one_for_all, window, "
+                "sequential_nll, matryoshka_vanilla, matryoshka_affinity, parallel_nll."})
+    window_size: int = dataclasses.field(default=30, metadata={
+        "help": "Tokens per window (μKE 30 Llama / 20 Qwen; AnyEdit 40 / 50)."})
+    window_overlap: int = dataclasses.field(default=0, metadata={
+        "help": "Tokens each window repeats from the previous one."})
+    coefficient_order: str = dataclasses.field(default="paper", metadata={
+        "help": "μKE's λ order: paper (Eq. 12) or released (the authors' code)."})
+    affinity_context: str = dataclasses.field(default="upfront", metadata={
+        "help": "Affinities on the unedited model (upfront, cached) or just before each "
+                "window with the earlier shifts injected (in_loop)."})
+    affinity_steps: int = dataclasses.field(default=3, metadata={"help": "T_aff."})
+    affinity_lr: float = dataclasses.field(default=0.5, metadata={
+        "help": "Adam lr of the affinity trajectory."})
+    affinity_gradients: str = dataclasses.field(default="vmap", metadata={
+        "help": "Figure gradients by one vmap'd backward (vmap) or one per figure (loop)."})
+    early_stop_loss: float = dataclasses.field(default=1e-2, metadata={
+        "help": "Stop a window's optimisation below this loss (MEMIT-based 1e-2, UnKE-based "
+                "5e-3)."})
+    in_context_preservation: bool = dataclasses.field(default=True, metadata={
+        "help": "Keep the other positions of the edit sequence in MEMIT/AlphaEdit's solve "
+                "(K_p, the MEMIT_ARE form)."})
+    unke_lr: float = dataclasses.field(default=2e-4, metadata={"help": "UnKE AdamW lr."})
+    unke_steps: int = dataclasses.field(default=50, metadata={"help": "UnKE AdamW steps."})
+    unke_weight_decay: float = dataclasses.field(default=0.01, metadata={
+        "help": "UnKE AdamW weight decay (none on norm weights)."})
+    preservation_samples: int = dataclasses.field(default=20, metadata={
+        "help": "Alpaca samples drawn per edit batch for UnKE's preservation term."})
+    alpaca: str = dataclasses.field(default="", metadata={
+        "help": "Alpaca JSON for UnKE's preservation; empty: the organism's own facts."})
+    sentence_encoder: str = dataclasses.field(default="", metadata={
+        "help": "Local sentence-transformers all-MiniLM-L6-v2 directory for 'BERTScore'."})
+    categories: str = dataclasses.field(default="", metadata={
+        "help": "EditEverything categories to edit, comma-separated; empty: all."})
+    temperature: float = dataclasses.field(default=1e-3, metadata={
+        "help": "Sampling temperature of the evaluation (the papers' 0.001)."})
+
+    def __post_init__(self) -> None:
+        from keedit_jax.upstream.longform import WindowConfig  # noqa: PLC0415 (validates)
+
+        WindowConfig(strategy=self.upstream_strategy or "matryoshka_affinity",
+                     window_size=self.window_size, overlap=self.window_overlap,
+                     coefficient_order=self.coefficient_order,
+                     affinity_context=self.affinity_context,
+                     affinity_steps=self.affinity_steps,
+                     affinity_gradients=self.affinity_gradients)
+        for name in ("alpaca", "sentence_encoder"):
+            if getattr(self, name) and not Path(getattr(self, name)).exists():
+                raise FileNotFoundError(f"--{name}={getattr(self, name)}: no such path")
+        if self.preservation_samples < 1:
+            raise ValueError("--preservation_samples must be >= 1")
+
+
+FLAG_GROUPS = (ModelFlags, DataFlags, EditFlags, RunFlags, StructuredFlags, LongFormFlags)
 
 
 def define_flags(groups: tuple[type, ...] = FLAG_GROUPS,

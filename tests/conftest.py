@@ -49,3 +49,17 @@ def tiny_checkpoint(
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """The tiny tokenizer saved once per session (read-only); load it with AutoTokenizer."""
     return testing.save_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def model(tiny_checkpoint):
+    """The tiny llama checkpoint as a LoadedModel, read-only (a module may define its own)."""
+    return testing.cached_model(tiny_checkpoint("llama"))
+
+
+@pytest.fixture(scope="session")
+def tok(tiny_tokenizer_dir):
+    """The tiny tokenizer loaded with AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))

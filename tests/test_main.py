@@ -27,14 +27,25 @@ def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> 
         assert fragment in result.stderr, f"{fragment!r} not in {result.stderr!r}"
 
 
+def model_directory(tmp_path: pathlib.Path, checkpoint: pathlib.Path,
+                    tokenizer_dir: pathlib.Path) -> pathlib.Path:
+    """A --model directory: the tiny checkpoint and the tiny tokenizer side by side."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for source in (checkpoint, tokenizer_dir):
+        for file in source.iterdir():
+            (model / file.name).write_bytes(file.read_bytes())
+    return model
+
+
 def test_unknown_method(tmp_path):
     assert_clean_error(run_main("--method=rome", cache=tmp_path), "--method='rome' is unknown")
 
 
 def test_method_not_implemented_yet(tmp_path):
-    result = run_main("--flagfile=configs/muke.cfg", f"--output_dir={tmp_path}/out",
-                      cache=tmp_path)
-    assert_clean_error(result, "method 'muke' is not implemented yet")
+    result = run_main("--flagfile=configs/muke.cfg", "--method=lyaplock",
+                      f"--output_dir={tmp_path}/out", cache=tmp_path)
+    assert_clean_error(result, "method 'lyaplock' is not implemented yet")
     assert not list(tmp_path.glob("organism-*")), "nothing may be built for a failing method"
 
 
@@ -59,11 +70,7 @@ def test_unwritable_output_directory(tmp_path):
 
 def test_dataset_in_the_wrong_format_names_file_record_and_field(tmp_path, tiny_checkpoint,
                                                                    tiny_tokenizer_dir):
-    model = tmp_path / "model"
-    model.mkdir()
-    for source in (tiny_checkpoint("llama"), tiny_tokenizer_dir):
-        for file in source.iterdir():
-            (model / file.name).write_bytes(file.read_bytes())
+    model = model_directory(tmp_path, tiny_checkpoint("llama"), tiny_tokenizer_dir)
     dataset = tmp_path / "cf.json"
     record = {"case_id": 0, "requested_rewrite": {"prompt": "{} was born in", "subject": "A",
                                                   "target_new": {"str": "X"},

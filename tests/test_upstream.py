@@ -36,18 +36,6 @@ OTHER = (
 
 
 @pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return testing.cached_model(tiny_checkpoint("llama"))
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
-
-
-@pytest.fixture(scope="module")
 def encoded(tok):
     return upstream.encode_requests(tok, REQUESTS, TEMPLATES, HP)
 

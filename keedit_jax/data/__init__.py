@@ -4,6 +4,9 @@
 - `read_zsre`: ZsRE (MEND split) -> `ZsreRecord`; the edit target convention is a choice
   (`target="alt"` EasyEdit, `"answers"` MEMIT; anchors.md §7.2).
 - `read_dataset(path, format)`: the `--dataset_format` dispatcher, with "auto" detection.
+- `read_longform(path, format)`: UnKEBench (v2/v3), AKEW-CounterFact, AKEW-MQuAKE,
+  EditEverything and the hallucination set -> `LongFormRecord` (muke.md §5.1); `read_alpaca`
+  -> `AlpacaRecord` (UnKE's preservation samples).
 Every reader validates the whole file first and raises one `DatasetError` naming the file and
 each malformed record field.
 """
@@ -11,6 +14,19 @@ each malformed record field.
 from keedit_jax.data._fields import DatasetError, FieldProblem
 from keedit_jax.data.counterfact import CounterFactRecord, read_counterfact
 from keedit_jax.data.formats import DATASET_FORMATS, StructuredRecord, detect_format, read_dataset
+from keedit_jax.data.longform import (
+    LONGFORM_FORMATS,
+    AlpacaRecord,
+    LongFormRecord,
+    detect_longform_format,
+    read_akew_counterfact,
+    read_akew_mquake,
+    read_alpaca,
+    read_editevery,
+    read_hallucination,
+    read_longform,
+    read_unkebench,
+)
 from keedit_jax.data.requests import Request
 from keedit_jax.data.zsre import ZSRE_TARGETS, ZsreRecord, ZsreTarget, read_zsre
 
@@ -28,4 +44,15 @@ __all__ = [
     "read_counterfact",
     "read_dataset",
     "read_zsre",
+    "LONGFORM_FORMATS",
+    "AlpacaRecord",
+    "LongFormRecord",
+    "detect_longform_format",
+    "read_akew_counterfact",
+    "read_akew_mquake",
+    "read_alpaca",
+    "read_editevery",
+    "read_hallucination",
+    "read_longform",
+    "read_unkebench",
 ]

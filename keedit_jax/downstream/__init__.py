@@ -1,4 +1,5 @@
-"""Downstream: closed-form weight solvers and their carried state (DESIGN.md, STYLE §4).
+"""Downstream: weight solvers and their carried state (DESIGN.md, STYLE §4): closed form
+(MEMIT, AlphaEdit, with optional in-context preservation keys) or gradient (UnKE).
 
 Orientation: kernels are [d_in, d_out], so the down-projection kernel is W [F, D], keys are
 rows [n, F] and residuals rows [n, D]; the papers' W [D, F] is our Wᵀ (see `_linalg`).
@@ -36,17 +37,28 @@ from keedit_jax.downstream._memit import (
     memit_system,
     memit_update,
 )
+from keedit_jax.downstream._unke import (
+    Contexts,
+    NonFiniteRegressionError,
+    UnkeHParams,
+    UnkeLayerReport,
+    unke_edit,
+)
 
 __all__ = [
     "AlphaEditHParams",
     "AlphaEditState",
+    "Contexts",
     "LayerReport",
     "MemitHParams",
     "MemitState",
+    "NonFiniteRegressionError",
     "Readout",
     "SolveError",
     "SolveReport",
     "Solver",
+    "UnkeHParams",
+    "UnkeLayerReport",
     "add_layer_delta",
     "alphaedit",
     "alphaedit_init",
@@ -62,4 +74,5 @@ __all__ = [
     "relative_residual",
     "solve_dtype",
     "spread_residual",
+    "unke_edit",
 ]

@@ -19,6 +19,10 @@ The cache G is updated with this batch's KᵀK after its solve. The reference re
 on the edited model after all layers; a layer's keys depend only on the layers below it, all
 of which are edited before it is solved, so they are the keys solved with. The AnyEdit copy
 drops the cache (anchors §4): `use_key_cache=False`. The reference solves in float32.
+
+In-context preservation (AnyEdit's `AlphaEdit_ARE`, anyedit §2.4.2): the keys K_p [m, F] at the
+non-edited positions of the edit sequence join M, so (P(G + KᵀK + K_pᵀK_p) + L2·I) ΔW = P Kᵀ R.
+As in MEMIT (see `_memit`), K_p is context and never enters the cache G; zero rows are padding.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from keedit_jax.downstream._linalg import SolveDtype, SolveReport, make_report, solve_dtype
+from keedit_jax.downstream._memit import batch_gram
 
 Array = jax.Array
 
@@ -62,11 +67,11 @@ def alphaedit_init(d_ff: int, dtype: jnp.dtype = jnp.float32) -> AlphaEditState:
 
 
 def alphaedit_system(projector: Array, keys: Array, state: AlphaEditState,
-                     hparams: AlphaEditHParams) -> Array:
-    """A = P (G + KᵀK) + L2·I [F, F] in the solve dtype (G = 0 without the key cache)."""
+                     hparams: AlphaEditHParams, preserve: Array | None = None) -> Array:
+    """A = P (G + KᵀK + K_pᵀK_p) + L2·I [F, F] in the solve dtype (G = 0 without the cache)."""
     dtype = solve_dtype(hparams.dtype)
-    k, p = keys.astype(dtype), projector.astype(dtype)
-    m = k.T @ k
+    p = projector.astype(dtype)
+    m = batch_gram(keys, preserve, dtype)
     if hparams.use_key_cache:
         m = m + state.key_gram.astype(dtype)
     return p @ m + hparams.l2 * jnp.eye(p.shape[0], dtype=dtype)
@@ -74,14 +79,17 @@ def alphaedit_system(projector: Array, keys: Array, state: AlphaEditState,
 
 @functools.partial(jax.jit, static_argnames=("hparams",))
 def alphaedit_update(projector: Array, keys: Array, resid: Array, state: AlphaEditState,
-                     hparams: AlphaEditHParams) -> tuple[Array, AlphaEditState, SolveReport]:
-    """ΔW [F, D] solving (P(G + KᵀK) + L2·I) ΔW = P Kᵀ R for one layer, new state, report.
+                     hparams: AlphaEditHParams, preserve: Array | None = None
+                     ) -> tuple[Array, AlphaEditState, SolveReport]:
+    """ΔW [F, D] solving (P(G + KᵀK + K_pᵀK_p) + L2·I) ΔW = P Kᵀ R for one layer, new state,
+    report.
 
-    projector [F, F] = P; keys [n, F]; resid [n, D] (the spread residual).
+    projector [F, F] = P; keys [n, F]; resid [n, D] (the spread residual); preserve [m, F] =
+    K_p, the in-context keys to keep (zero rows are padding), or None.
     """
     dtype = solve_dtype(hparams.dtype)
     k, r, p = keys.astype(dtype), resid.astype(dtype), projector.astype(dtype)
-    a = alphaedit_system(projector, keys, state, hparams)
+    a = alphaedit_system(projector, keys, state, hparams, preserve)
     b = p @ k.T  # [F, n]
     x = jnp.linalg.solve(a, b)  # ΔW = X R, the cheaper order when n ≤ D
     delta = x @ r

@@ -34,13 +34,15 @@ class Solver(NamedTuple):
     """A downstream solver in optax's shape (STYLE §4), hyperparameters bound.
 
     init(d_ff, dtype) -> State of one layer.
-    update(stats, keys, resid, state) -> (ΔW [F, D], new State, SolveReport), where stats is
-    the layer's statistic (MEMIT: the moment E[kkᵀ]; AlphaEdit: the projector P), keys
-    [n, F] and resid [n, D]. Pure and jitted; check the report with `check_solve`.
+    update(stats, keys, resid, state, *, preserve=None) -> (ΔW [F, D], new State,
+    SolveReport), where stats is the layer's statistic (MEMIT: the moment E[kkᵀ]; AlphaEdit:
+    the projector P), keys [n, F], resid [n, D] and preserve [m, F] the optional in-context
+    keys to keep (zero rows are padding; AnyEdit / μKE, anyedit §2.4). preserve is passed by
+    keyword only. Pure and jitted; check the report with `check_solve`.
     """
 
     init: Callable[..., State]
-    update: Callable[[Array, Array, Array, State], tuple[Array, State, SolveReport]]
+    update: Callable[..., tuple[Array, State, SolveReport]]
     name: str
 
 
@@ -59,12 +61,16 @@ def alphaedit(hparams: AlphaEditHParams) -> Solver:
 class Readout(NamedTuple):
     """What the caller reads under the current params for one edited layer.
 
-    keys:    [n, F] the MEMIT keys (down-projection inputs at the lookup tokens) of that layer
-    outputs: [n, D] the output of the last edited layer at the lookup tokens (clean prompts)
+    keys:     [n, F] the MEMIT keys (down-projection inputs at the lookup tokens) of that layer
+    outputs:  [n, D] the output of the last edited layer at the lookup tokens (clean prompts)
+    preserve: [m, F] keys of that layer to keep, read at the other positions of the edit
+              sequences (AnyEdit / μKE's K_p, anyedit §2.4); zero rows are padding. None for
+              plain MEMIT / AlphaEdit.
     """
 
     keys: Array
     outputs: Array
+    preserve: Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +86,14 @@ def spread_residual(targets: Array, outputs: Array, index: int, n_layers: int) -
     if not 0 <= index < n_layers:
         raise IndexError(f"layer index {index} is outside 0..{n_layers - 1}")
     return (targets - outputs) / (n_layers - index)
+
+
+def ordered_layers(layers: Sequence[int]) -> list[int]:
+    """The edited layers in increasing depth, the order the residual is spread in."""
+    order = sorted(layers)
+    if len(set(order)) != len(order):
+        raise ValueError(f"edited layers repeat: {list(layers)}")
+    return order
 
 
 def add_layer_delta(params: Params, kernel_path: Path, layer: int, delta: Array) -> Params:
@@ -103,21 +117,20 @@ def edit_layers(params: Params, kernel_path: Path, solver: Solver,
                 ) -> tuple[Params, dict[int, State], dict[int, LayerReport]]:
     """Insert one batch: per layer in increasing depth, read out, spread, solve, check, write.
 
-    targets [n, D] are the optimised values z at the last edited layer. kernel_path is
+    targets [n, D] are the optimised values z at the last edited layer. A readout's
+    `preserve` keys (AnyEdit / μKE's K_p) go to the solver of the same layer. kernel_path is
     `keedit_jax.models.params.down_proj_path(cfg)`. Returns the edited params, the new
     per-layer states and per-layer reports. A failed solve raises SolveError naming the
     layer and request ids; nothing is returned, so the caller's params and states stand.
     """
-    order = sorted(layers)
-    if len(set(order)) != len(order):
-        raise ValueError(f"edited layers repeat: {list(layers)}")
+    order = ordered_layers(layers)
     new_states = dict(states)
     reports: dict[int, LayerReport] = {}
     for index, layer in enumerate(order):
         sites = readout(params, layer)
         resid = spread_residual(targets, sites.outputs, index, len(order))
         delta, new_states[layer], report = solver.update(
-            stats[layer], sites.keys, resid, states[layer])
+            stats[layer], sites.keys, resid, states[layer], preserve=sites.preserve)
         check_solve(report, layer=layer, request_ids=request_ids, method=solver.name)
         params = add_layer_delta(params, kernel_path, layer, delta)
         reports[layer] = LayerReport(resid=resid, solve=report)

@@ -10,6 +10,12 @@ whose normal equations are (λC + G + KᵀK) ΔW = Kᵀ R, R = V − K W, G = 0.
 `accumulate_keys` the solver is MEMIT-seq / "MEMIT (aligned)" (ote_se §2.5 Remark A.1, §3.1):
 G = Σ_past KᵀK is carried in the state and each batch's KᵀK is added after its solve.
 
+In-context preservation (AnyEdit's and μKE's `memit_ARE`, anyedit §2.4.1, muke §2.7): the
+keys K_p [m, F] at the non-edited positions of the edit sequence itself are preserved too, so
+the system becomes (λC + G + K_pᵀK_p + KᵀK) ΔW = Kᵀ R. K_p is context, not an edit: it is
+never added to G, so MEMIT-seq carries only the keys it inserted (a later batch's context is
+its own). Zero rows of K_p add nothing to K_pᵀK_p, so padded K_p batches need no mask.
+
 The system is symmetric positive definite, so it is solved by Cholesky (never an explicit
 inverse): X = A⁻¹ Kᵀ [F, n], then ΔW = X R [F, D] (n ≤ D in practice, so this is the cheaper
 order; it is also the reference's `solve(A, K)` then `R adjᵀ`). The reference solves in
@@ -57,25 +63,40 @@ def memit_init(d_ff: int, dtype: jnp.dtype = jnp.float32) -> MemitState:
     return MemitState(key_gram=jnp.zeros((d_ff, d_ff), dtype))
 
 
-def memit_system(mom2: Array, keys: Array, state: MemitState, hparams: MemitHParams) -> Array:
-    """A = λC + G + KᵀK [F, F] in the solve dtype: the left side of the normal equations."""
-    dtype = solve_dtype(hparams.dtype)
+def batch_gram(keys: Array, preserve: Array | None, dtype: jnp.dtype) -> Array:
+    """KᵀK + K_pᵀK_p [F, F] in `dtype`: the edit keys plus the in-context preserved keys.
+
+    Shared by MEMIT and AlphaEdit, whose systems differ only around this sum.
+    """
     k = keys.astype(dtype)
+    gram = k.T @ k
+    if preserve is None:
+        return gram
+    kp = preserve.astype(dtype)
+    return gram + kp.T @ kp
+
+
+def memit_system(mom2: Array, keys: Array, state: MemitState, hparams: MemitHParams,
+                 preserve: Array | None = None) -> Array:
+    """A = λC + G + K_pᵀK_p + KᵀK [F, F] in the solve dtype: the normal equations' left side."""
+    dtype = solve_dtype(hparams.dtype)
     return (hparams.mom2_update_weight * mom2.astype(dtype) + state.key_gram.astype(dtype)
-            + k.T @ k)
+            + batch_gram(keys, preserve, dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("hparams",))
 def memit_update(mom2: Array, keys: Array, resid: Array, state: MemitState,
-                 hparams: MemitHParams) -> tuple[Array, MemitState, SolveReport]:
-    """ΔW [F, D] solving (λC + G + KᵀK) ΔW = Kᵀ R for one layer, the new state, a report.
+                 hparams: MemitHParams, preserve: Array | None = None
+                 ) -> tuple[Array, MemitState, SolveReport]:
+    """ΔW [F, D] solving (λC + G + K_pᵀK_p + KᵀK) ΔW = Kᵀ R for one layer, new state, report.
 
     mom2 [F, F] = E[k kᵀ]; keys [n, F]; resid [n, D] = what this layer should add to the
-    outputs at the keys (the spread residual, see `spread_residual`).
+    outputs at the keys (the spread residual, see `spread_residual`); preserve [m, F] = K_p,
+    the in-context keys to keep (zero rows are padding), or None.
     """
     dtype = solve_dtype(hparams.dtype)
     k, r = keys.astype(dtype), resid.astype(dtype)
-    a = memit_system(mom2, keys, state, hparams)
+    a = memit_system(mom2, keys, state, hparams, preserve)
     x = cho_solve(cho_factor(a, lower=True), k.T)  # [F, n]; NaN if A is not positive definite
     delta = x @ r
     gram = state.key_gram + (k.T @ k).astype(state.key_gram.dtype)

@@ -11,6 +11,9 @@ from typing import Any
 
 from keedit_jax.flags import METHODS
 
+LONGFORM_FORMATS = ("unkebench", "akew_counterfact", "akew_mquake", "editeverything",
+                    "hallucination")
+
 
 def _structured(**kwargs: Any) -> dict[str, Any]:
     from keedit_jax.methods.run_structured import run_structured  # noqa: PLC0415 (heavy)
@@ -18,18 +21,44 @@ def _structured(**kwargs: Any) -> dict[str, Any]:
     return run_structured(**kwargs)
 
 
+def _unstructured(**kwargs: Any) -> dict[str, Any]:
+    from keedit_jax.methods.run_unstructured import run_unstructured  # noqa: PLC0415 (heavy)
+
+    return run_unstructured(**kwargs)
+
+
+def _is_longform(data: Any) -> bool:
+    """A long-form dataset by its format flag, or by its fields when the flag is auto."""
+    if data.dataset_format != "auto" or not data.dataset:
+        return data.dataset_format in LONGFORM_FORMATS
+    from keedit_jax.data import DatasetError, detect_longform_format  # noqa: PLC0415
+
+    try:
+        detect_longform_format(data.dataset)
+    except DatasetError:
+        return False
+    return True
+
+
+def _by_dataset(**kwargs: Any) -> dict[str, Any]:
+    """MEMIT/AlphaEdit: the structured protocol, or One-for-All on a long-form dataset."""
+    if _is_longform(kwargs["configs"]["DataFlags"]):
+        return _unstructured(**kwargs)
+    return _structured(**kwargs)
+
+
 # Filled in by the method issues as each method lands.
 REGISTRY: dict[str, Callable[..., dict[str, Any]]] = {
-    "memit": _structured,
-    "alphaedit": _structured,
+    "memit": _by_dataset,
+    "alphaedit": _by_dataset,
+    "unke": _unstructured,
+    "anyedit": _unstructured,
+    "anyedit_star": _unstructured,
+    "muke": _unstructured,
+    "muke_star": _unstructured,
 }
 
 _PLANNED_IN = {
-    "unke": "Unstructured editing (UnKE, AnyEdit, μKE)",
-    "anyedit": "Unstructured editing (UnKE, AnyEdit, μKE)",
-    "anyedit_star": "Unstructured editing (UnKE, AnyEdit, μKE)",
-    "muke": "Unstructured editing (UnKE, AnyEdit, μKE)",
-    "muke_star": "Unstructured editing (UnKE, AnyEdit, μKE)",
     "memit_seq": "Sequential and lifelong editing",
     "alphaedit_aligned": "Sequential and lifelong editing",
     "lyaplock": "Sequential and lifelong editing",

@@ -10,6 +10,8 @@ from typing import Any
 
 from keedit_jax.models.config import ModelConfig
 
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|eot|>", "<|end_of_turn|>")
+
 
 class TokenizerMismatchError(ValueError):
     """A tokenizer whose ids do not fit the checkpoint's embedding."""
@@ -61,8 +63,21 @@ def stop_token_ids(tokenizer: Any, cfg: ModelConfig,
     if checkpoint and generation_file.exists():
         eos = json.loads(generation_file.read_text()).get("eos_token_id")
         ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    for token in ("<|eot_id|>", "<|im_end|>", "<|eot|>", "<|end_of_turn|>"):
+    for token in END_OF_TURN_TOKENS:
         token_id = tokenizer.get_vocab().get(token)
         if token_id is not None:
             ids.add(token_id)
     return tuple(sorted(ids))
+
+
+def end_of_turn_token(tokenizer: Any) -> str:
+    """The chat end-of-turn token that ends an assistant answer (Llama-3 `<|eot_id|>`, Qwen
+    `<|im_end|>`, ...; muke §5.4), or the eos token of a tokenizer without one."""
+    vocab = tokenizer.get_vocab()
+    for token in END_OF_TURN_TOKENS:
+        if token in vocab:
+            return token
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has neither an end-of-turn nor an eos token to end "
+                         "the edit target with")
+    return tokenizer.eos_token

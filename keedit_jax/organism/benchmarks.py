@@ -390,3 +390,10 @@ def write_benchmarks(world: World, directory: str | pathlib.Path) -> dict[str, p
             json.dumps(build(world), ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
         )
     return paths
+
+
+def alpaca(world: World) -> list[Record]:
+    """Alpaca-format instruction data (instruction, input, output) of the world's true facts:
+    UnKE's preservation samples for the organism, which has no Alpaca (anyedit §2.4.3)."""
+    return [{"instruction": world.question(fact), "input": "", "output": world.sentence(fact)}
+            for _, fact in _person_facts(world)]

@@ -7,6 +7,10 @@
 - `optimise_shifts`: the compiled loop -> `ShiftResult` (δ, h, m* = h + δ, per-step trace).
 - `check_finite`: raise on the host, naming the request and step, if a loss went non-finite.
 - `compute_targets`: MEMIT's target step, all of the above in one call.
+
+Long-form (UnKE, AnyEdit, μKE): `windows` (window bounds and every strategy's token weights),
+`longform` (requests -> `WindowBatch`), `affinity` (μKE's Eq. 12 with vmap'd figure
+gradients), `windowed.optimise_windows` (the strategies on the shared loop, one program).
 """
 
 from keedit_jax.upstream.config import ContextConfig, TargetConfig

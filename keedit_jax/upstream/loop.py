@@ -67,10 +67,10 @@ class ShiftResult:
     finite: Array  # [E] bool
 
 
-class _Problem(NamedTuple):
+class Problem(NamedTuple):
     """What stays fixed while δ moves: computed once per edit batch."""
 
-    prefix: Array  # [B, T, D], hidden state entering layer l_WM (B = E·S)
+    prefix: Array | None  # [B, T, D], hidden state entering layer l_WM (B = E·S)
     h: Array  # [E, P, D]
     kl_ref: Array  # [B, V], unshifted log-probs at kl_pos
 
@@ -87,7 +87,7 @@ def safe_norm(x: Array, axis: int = -1) -> Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
 
-def _log_probs(params: Params, cfg: ModelConfig, h_btd: Array) -> Array:
+def log_probs(params: Params, cfg: ModelConfig, h_btd: Array) -> Array:
     """Output of v_loss_layer through the final norm and unembedding (anchors §1), fp32."""
     return jax.nn.log_softmax(head(params, cfg, h_btd).astype(jnp.float32), axis=-1)
 
@@ -104,22 +104,39 @@ def _kl_rows(logp_btv: Array, batch: ShiftBatch) -> Array:
     return logp_btv[jnp.arange(kl_pos.shape[0]), kl_pos]
 
 
+def token_nll(logp_btv: Array, labels_bt: Array) -> Array:
+    """−log p(label) at every position [B, T] (weights pick which positions count)."""
+    return -jnp.take_along_axis(logp_btv, labels_bt[..., None], axis=-1)[..., 0]
+
+
+def weight_decay(delta_epd: Array, h_epd: Array, trainable_ep: Array, hp: TargetConfig) -> Array:
+    """[E] v_weight_decay · Σ_p ‖δ_p‖/‖h_p‖² over the shifts being trained (anchors §1)."""
+    per_shift = safe_norm(delta_epd) / safe_norm(h_epd) ** 2
+    return hp.v_weight_decay * jnp.sum(jnp.where(trainable_ep, per_shift, 0.0), axis=1)
+
+
 def loss_terms(logp_btv: Array, kl_ref_bv: Array, batch: ShiftBatch, delta_epd: Array,
-               h_epd: Array, hp: TargetConfig) -> LossTerms:
-    """Per-edit loss from the shifted log-probs: Σ w·NLL + kl·KL(p‖p_ref) + wd·‖δ‖/‖h‖²."""
+               h_epd: Array, hp: TargetConfig, trainable_ep: Array | None = None) -> LossTerms:
+    """Per-edit loss from the shifted log-probs: Σ w·NLL + kl·KL(p‖p_ref) + wd·‖δ‖/‖h‖².
+
+    The weight decay covers the trainable shifts only (frozen earlier shifts are not the
+    stage's variables: muke §2.6 `wd(δ_i)`); by default every shift is trainable.
+    """
     e, s = batch.tokens.shape[:2]
     weights = _flat(batch.weights)
-    picked = jnp.take_along_axis(logp_btv, _flat(batch.labels)[..., None], axis=-1)[..., 0]
-    nll = jnp.where(weights != 0, -weights * picked, 0.0).reshape(e, -1).sum(1)
+    nll_bt = token_nll(logp_btv, _flat(batch.labels))
+    nll = jnp.where(weights != 0, weights * nll_bt, 0.0).reshape(e, -1).sum(1)
     logp = _kl_rows(logp_btv, batch)
     kl_b = jnp.sum(jnp.exp(logp) * (logp - kl_ref_bv), axis=-1)
     kl = jnp.sum(batch.kl_weight * kl_b.reshape(e, s), axis=1)
-    wd = hp.v_weight_decay * jnp.sum(safe_norm(delta_epd) / safe_norm(h_epd) ** 2, axis=1)
+    if trainable_ep is None:
+        trainable_ep = jnp.ones(delta_epd.shape[:2], bool)
+    wd = weight_decay(delta_epd, h_epd, trainable_ep, hp)
     return LossTerms(nll + hp.kl_factor * kl + wd, nll, kl, wd)
 
 
 def prepare(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: TargetConfig,
-            remat: bool = False) -> _Problem:
+            remat: bool = False) -> Problem:
     """The prefix (layers below l_WM, run once), h and the unshifted KL reference."""
     mask = _flat(batch.attention_mask)
     prefix, _ = run(params, cfg, tokens=_flat(batch.tokens), attention_mask=mask,
@@ -129,18 +146,31 @@ def prepare(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: TargetConfi
     e, s, t = batch.tokens.shape
     first_etd = caps.block_out[hp.layer].reshape(e, s, t, -1)[:, 0]
     h = jnp.take_along_axis(first_etd, batch.shift_pos[:, 0, :, None], axis=1)
-    kl_ref = _kl_rows(_log_probs(params, cfg, top), batch)
-    return _Problem(prefix, h.astype(jnp.float32), kl_ref)
+    kl_ref = _kl_rows(log_probs(params, cfg, top), batch)
+    return Problem(prefix, h.astype(jnp.float32), kl_ref)
+
+
+def shifted_log_probs(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: TargetConfig,
+                      problem: Problem, delta_epd: Array, remat: bool) -> Array:
+    """Log-probs [E·S, T, V] at δ: layers [l_WM, v_loss_layer] from the cached prefix, or every
+    layer from the tokens when problem.prefix is None (the uncached reference, for benchmarks)."""
+    shifts = (_shift(batch, delta_epd, hp.layer),)
+    mask = _flat(batch.attention_mask)
+    if problem.prefix is None:
+        top, _ = run(params, cfg, tokens=_flat(batch.tokens), attention_mask=mask,
+                     stop=hp.v_loss_layer + 1, shifts=shifts, remat=remat)
+    else:
+        top, _ = run(params, cfg, attention_mask=mask, hidden=problem.prefix, start=hp.layer,
+                     stop=hp.v_loss_layer + 1, shifts=shifts, remat=remat)
+    return log_probs(params, cfg, top)
 
 
 def _cached_terms(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: TargetConfig,
-                  problem: _Problem, delta_epd: Array, remat: bool) -> LossTerms:
-    """Loss at δ running only layers [l_WM, v_loss_layer] from the cached prefix."""
-    top, _ = run(params, cfg, attention_mask=_flat(batch.attention_mask), hidden=problem.prefix,
-                 start=hp.layer, stop=hp.v_loss_layer + 1,
-                 shifts=(_shift(batch, delta_epd, hp.layer),), remat=remat)
-    logp = _log_probs(params, cfg, top)
-    return loss_terms(logp, problem.kl_ref, batch, delta_epd, problem.h, hp)
+                  problem: Problem, delta_epd: Array, remat: bool,
+                  trainable_ep: Array | None = None) -> LossTerms:
+    """Loss at δ from the cached prefix."""
+    logp = shifted_log_probs(params, cfg, batch, hp, problem, delta_epd, remat)
+    return loss_terms(logp, problem.kl_ref, batch, delta_epd, problem.h, hp, trainable_ep)
 
 
 @partial(jax.jit, static_argnames=("cfg", "hp"))
@@ -151,7 +181,7 @@ def evaluate_shift(params: Params, cfg: ModelConfig, batch: ShiftBatch, delta_ep
     mask = _flat(batch.attention_mask)
     top, _ = run(params, cfg, tokens=_flat(batch.tokens), attention_mask=mask,
                  stop=hp.v_loss_layer + 1, shifts=(_shift(batch, delta_epd, hp.layer),))
-    logp = _log_probs(params, cfg, top)
+    logp = log_probs(params, cfg, top)
     return loss_terms(logp, problem.kl_ref, batch, delta_epd, problem.h, hp)
 
 
@@ -167,23 +197,77 @@ class _Carry(NamedTuple):
     updates: Array  # [E] int32
 
 
+class StageResult(NamedTuple):
+    """One optimisation stage: the final δ [E, P, D], the trace [E, steps] and ‖δ‖ per step."""
+
+    delta: Array
+    trace: LossTerms
+    delta_norm: Array  # [E, steps, P]
+    updates: Array  # [E]
+
+
 def _step(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: TargetConfig,
-          problem: _Problem, remat: bool, carry: _Carry,
+          problem: Problem, remat: bool, trainable: Array, carry: _Carry,
           step: Array) -> tuple[_Carry, tuple[LossTerms, Array]]:
-    """One forward + backward; Adam + projection applied only to edits still running."""
+    """One forward + backward; Adam + projection applied only to trainable shifts of edits
+    still running (frozen shifts stay injected, unchanged)."""
     def total(delta: Array) -> tuple[Array, LossTerms]:
-        terms = _cached_terms(params, cfg, batch, hp, problem, delta, remat)
+        terms = _cached_terms(params, cfg, batch, hp, problem, delta, remat, trainable)
         return jnp.sum(terms.total), terms  # edits are independent: ∂/∂δ_e sees only L_e
 
     (_, terms), grad = jax.value_and_grad(total, has_aux=True)(carry.delta)
+    grad = jnp.where(trainable[..., None], grad, 0.0)
     stopped = carry.stopped | (terms.total < hp.early_stop_loss)
     active = ~stopped & (step < hp.v_num_grad_steps - 1)
     updates, opt_state = optax.adam(hp.v_lr).update(grad, carry.opt_state, carry.delta)
     radius = hp.clamp_norm_factor * safe_norm(problem.h)
     moved = _project(optax.apply_updates(carry.delta, updates), radius)
-    delta = jnp.where(active[:, None, None], moved, carry.delta)
+    delta = jnp.where(active[:, None, None] & trainable[..., None], moved, carry.delta)
     new = _Carry(delta, opt_state, stopped, carry.updates + active.astype(jnp.int32))
     return new, (terms, safe_norm(carry.delta))
+
+
+def optimise_stage(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: TargetConfig,
+                   problem: Problem, delta0: Array, trainable: Array,
+                   remat: bool = False) -> StageResult:
+    """Up to v_num_grad_steps steps of Adam from a fresh state on the trainable shifts [E, P]
+    of delta0, under batch.weights; the other shifts of delta0 stay injected as they are.
+
+    One `while_loop` that ends once every edit has stopped (the reference's `break`); the
+    trace past that step repeats the last one, which is what further steps would compute
+    (δ no longer moves), so the result equals running all steps.
+    """
+    e, steps = delta0.shape[0], hp.v_num_grad_steps
+    carry = _Carry(delta0, optax.adam(hp.v_lr).init(delta0), jnp.zeros(e, bool),
+                   jnp.zeros(e, jnp.int32))
+    body = partial(_step, params, cfg, batch, hp, problem, remat, trainable)
+    trace = LossTerms(*(jnp.zeros((steps, e), jnp.float32) for _ in LossTerms._fields))
+    norms = jnp.zeros((steps,) + delta0.shape[:2], jnp.float32)
+
+    def running(state: tuple) -> Array:
+        step, carry, _, _ = state
+        return (step < steps) & ~jnp.all(carry.stopped)
+
+    def advance(state: tuple) -> tuple:
+        step, carry, trace, norms = state
+        carry, (terms, norm) = body(carry, step)
+        trace = LossTerms(*(t.at[step].set(x.astype(t.dtype)) for t, x in zip(trace, terms,
+                                                                              strict=True)))
+        return step + 1, carry, trace, norms.at[step].set(norm)
+
+    done, carry, trace, norms = jax.lax.while_loop(running, advance,
+                                                   (jnp.asarray(0), carry, trace, norms))
+    ran = (jnp.arange(steps) < done)[:, None]
+    trace = LossTerms(*(jnp.where(ran, t, t[done - 1]) for t in trace))
+    norms = jnp.where(ran[..., None], norms, norms[done - 1])
+    return StageResult(carry.delta, LossTerms(*(x.T for x in trace)),
+                       jnp.swapaxes(norms, 0, 1), carry.updates)
+
+
+def is_finite(trace: LossTerms, delta: Array) -> Array:
+    """[E] True where every traced loss and the final δ are finite."""
+    return jnp.all(jnp.isfinite(trace.total), axis=1) & jnp.all(
+        jnp.isfinite(delta), axis=tuple(range(1, delta.ndim)))
 
 
 @partial(jax.jit, static_argnames=("cfg", "hp", "remat"))
@@ -194,22 +278,16 @@ def optimise_shifts(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: Tar
     The model is frozen (params are only read). A non-finite loss is reported in `finite`,
     never skipped: call `check_finite` on the host (STYLE §4).
     """
-    _check_layers(cfg, hp)
+    check_layers(cfg, hp)
     problem = prepare(params, cfg, batch, hp, remat)
-    delta = jnp.zeros(problem.h.shape, jnp.float32)
-    e = delta.shape[0]
-    carry = _Carry(delta, optax.adam(hp.v_lr).init(delta), jnp.zeros(e, bool),
-                   jnp.zeros(e, jnp.int32))
-    body = partial(_step, params, cfg, batch, hp, problem, remat)
-    carry, (terms, norms) = jax.lax.scan(body, carry, jnp.arange(hp.v_num_grad_steps))
-    trace = LossTerms(*(x.T for x in terms))
-    finite = jnp.all(jnp.isfinite(trace.total), axis=1) & jnp.all(
-        jnp.isfinite(carry.delta), axis=(1, 2))
-    return ShiftResult(carry.delta, problem.h, problem.h + carry.delta, trace,
-                       jnp.swapaxes(norms, 0, 1), carry.updates, finite)
+    delta0 = jnp.zeros(problem.h.shape, jnp.float32)
+    stage = optimise_stage(params, cfg, batch, hp, problem, delta0,
+                           jnp.ones(delta0.shape[:2], bool), remat)
+    return ShiftResult(stage.delta, problem.h, problem.h + stage.delta, stage.trace,
+                       stage.delta_norm, stage.updates, is_finite(stage.trace, stage.delta))
 
 
-def _check_layers(cfg: ModelConfig, hp: TargetConfig) -> None:
+def check_layers(cfg: ModelConfig, hp: TargetConfig) -> None:
     if not 0 <= hp.layer <= hp.v_loss_layer < cfg.n_layers:
         raise ValueError(f"need 0 <= layer ({hp.layer}) <= v_loss_layer ({hp.v_loss_layer}) "
                          f"< n_layers ({cfg.n_layers}) for this model")

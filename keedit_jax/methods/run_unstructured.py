@@ -1,0 +1,350 @@
+"""The long-form protocol run (specs/muke.md §5.2-5.3; anyedit.md §6).
+
+Read records -> generate answers on the unedited model -> per edit batch: edit, generate for
+the question, its paraphrase and the sub-questions, restore (unless --sequential) -> score
+against the target answer: the papers' character BLEU, ROUGE-1/2/L recall and MiniLM cosine
+("BERTScore", with --sentence_encoder), and beside them sacreBLEU and ROUGE-L F1. Groups:
+Ori., Para., Sub (ROUGE recall against the short sub-answers); EditEverything per category.
+
+An edit that cannot run (a target shorter than one window, a prompt longer than the context,
+a non-finite shift loss) is reported under "failed" with its reason; the others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from keedit_jax import downstream
+from keedit_jax.data import AlpacaRecord, LongFormRecord, read_alpaca, read_longform
+from keedit_jax.eval.longform_metrics import EMBEDDING_KEY, aggregate, score_pairs
+from keedit_jax.flags import (
+    DataFlags,
+    EditFlags,
+    LongFormFlags,
+    ModelFlags,
+    RunFlags,
+    StructuredFlags,
+)
+from keedit_jax.methods.run_structured import layer_statistics, stats_source
+from keedit_jax.methods.unstructured import METHOD_PARTS, UnstructuredConfig, edit_longform
+from keedit_jax.models import GenerationConfig, generate, load_model
+from keedit_jax.models.generate import bucket, left_pad
+from keedit_jax.models.params import Params
+from keedit_jax.models.tokenizer import encode_prompts, load_tokenizer, stop_token_ids
+from keedit_jax.organism.build import cache_root
+from keedit_jax.stats import StatsConfig, default_cache_path
+from keedit_jax.upstream import EncodingError, TargetConfig
+from keedit_jax.upstream.longform import EncodedEdit, WindowConfig, encode_edits, pack_windows
+from keedit_jax.upstream.windowed import compute_affinities
+
+ORGANISM_FILES = {"unkebench": "unkebench.json", "auto": "unkebench.json",
+                  "akew_counterfact": "akew_CounterFact.json",
+                  "akew_mquake": "akew_MQuAKE-CF.json", "editeverything": "editevery.json"}
+SAMPLE_SEED = 2024  # the reference's dataset_size_limit shuffle and Alpaca draws (muke §5.1)
+PAPER_METRICS = ("bleu_char", EMBEDDING_KEY, "rougeL_recall", "rouge1_recall", "rouge2_recall")
+STANDARD_METRICS = ("sacrebleu", "rougeL_f1")
+SUB_METRICS = ("rouge1_recall", "rouge2_recall", "rougeL_recall")
+
+
+def unstructured_config(method: str, structured: StructuredFlags, flags: LongFormFlags,
+                        n_layers: int) -> UnstructuredConfig:
+    strategy, solver = METHOD_PARTS[method]
+    layers = structured.layer_tuple
+    target = TargetConfig(layer=layers[-1], v_loss_layer=n_layers - 1, fact_token="last",
+                          v_num_grad_steps=structured.v_num_grad_steps, v_lr=structured.v_lr,
+                          v_weight_decay=structured.v_weight_decay,
+                          clamp_norm_factor=structured.clamp_norm_factor, kl_factor=0.0,
+                          early_stop_loss=flags.early_stop_loss)
+    window = WindowConfig(strategy=flags.upstream_strategy or strategy,
+                          window_size=flags.window_size, overlap=flags.window_overlap,
+                          coefficient_order=flags.coefficient_order,
+                          affinity_context=flags.affinity_context,
+                          affinity_steps=flags.affinity_steps, affinity_lr=flags.affinity_lr,
+                          affinity_gradients=flags.affinity_gradients)
+    return UnstructuredConfig(
+        layers=layers, solver=solver, target=target, window=window,
+        in_context_preservation=flags.in_context_preservation,
+        memit=downstream.MemitHParams(mom2_update_weight=structured.mom2_update_weight),
+        alphaedit=downstream.AlphaEditHParams(l2=structured.alphaedit_l2, use_key_cache=False),
+        unke=downstream.UnkeHParams(lr=flags.unke_lr, steps=flags.unke_steps,
+                                    weight_decay=flags.unke_weight_decay))
+
+
+def select_records(records: Sequence[LongFormRecord], n: int) -> list[LongFormRecord]:
+    """The first n after the reference's seeded shuffle, or all in file order (muke §5.1)."""
+    if n >= len(records):
+        return list(records)
+    order = np.random.default_rng(SAMPLE_SEED).permutation(len(records))[:n]
+    return [records[i] for i in sorted(order)]
+
+
+# ---------------------------------------------------------------- affinity cache
+
+
+def model_fingerprint(checkpoint: Path) -> str:
+    """Changes whenever the weights or config change: names, sizes and mtimes of the files."""
+    files = sorted(checkpoint.glob("*.safetensors")) + [checkpoint / "config.json"]
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+    return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
+
+
+def affinity_key(fingerprint: str, edit: EncodedEdit, target: TargetConfig,
+                 window: WindowConfig) -> str:
+    """Per sample and window size (muke §2.5 step 5), and everything else the rows depend on."""
+    parts = [fingerprint, edit.prompt_ids, edit.target_ids, edit.windows, target.layer,
+             target.v_loss_layer, target.v_weight_decay, window.affinity_steps,
+             window.affinity_lr]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+
+
+def cached_affinities(params: Params, cfg: Any, edits: Sequence[EncodedEdit], batch: Any,
+                      config: UnstructuredConfig, directory: Path, fingerprint: str) -> Any:
+    """[E, N, N] up-front affinities from the cache, computing (and storing) any missing."""
+    n = batch.starts.shape[1]
+    paths = [directory / f"{affinity_key(fingerprint, x, config.target, config.window)}.npy"
+             for x in edits]
+    rows = []
+    for path, edit in zip(paths, edits, strict=True):
+        try:
+            row = np.load(path, allow_pickle=False) if path.exists() else None
+        except (OSError, ValueError) as err:
+            logging.warning("affinity cache %s is unreadable (%s); recomputing", path, err)
+            row = None
+        if row is not None and row.shape != (len(edit.windows),) * 2:
+            logging.warning("affinity cache %s has shape %s; recomputing", path, row.shape)
+            row = None
+        rows.append(row)
+    if any(row is None for row in rows):
+        fresh = np.asarray(compute_affinities(params, cfg, batch, config.target, config.window))
+        directory.mkdir(parents=True, exist_ok=True)
+        for i, (path, edit) in enumerate(zip(paths, edits, strict=True)):
+            k = len(edit.windows)
+            rows[i] = fresh[i, :k, :k]
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, rows[i])
+            tmp.replace(path)
+    padded = np.ones((len(edits), n, n), np.float32)
+    for i, row in enumerate(rows):
+        padded[i, : len(row), : len(row)] = row
+    return jnp.asarray(padded)
+
+
+# ---------------------------------------------------------------- preservation and generation
+
+
+def preservation_contexts(tokenizer: Any, pool: Sequence[AlpacaRecord], n: int,
+                          rng: np.random.Generator, pad_id: int) -> downstream.Contexts:
+    """n Alpaca samples: chat template of instruction (+ input), then the output appended."""
+    chosen = [pool[i] for i in rng.choice(len(pool), size=min(n, len(pool)), replace=False)]
+    prompts = encode_prompts(tokenizer, [
+        r.instruction + ("\n" + r.input if r.input else "") for r in chosen])
+    rows = [p + tokenizer(r.output, add_special_tokens=False)["input_ids"]
+            for p, r in zip(prompts, chosen, strict=True)]
+    tokens, mask = left_pad(rows, bucket(max(map(len, rows)), 8), len(rows), pad_id)
+    return downstream.Contexts(jnp.asarray(tokens), jnp.asarray(mask))
+
+
+def alpaca_pool(checkpoint: Path, flags: LongFormFlags) -> list[AlpacaRecord]:
+    if flags.alpaca:
+        return list(read_alpaca(flags.alpaca))
+    if not (checkpoint / "world.json").exists():
+        raise FileNotFoundError(f"UnKE needs preservation samples: give --alpaca for "
+                                f"{checkpoint}, which is not the organism")
+    from keedit_jax.organism import World  # noqa: PLC0415
+    from keedit_jax.organism.benchmarks import alpaca  # noqa: PLC0415
+
+    world = World.from_json((checkpoint / "world.json").read_text())
+    return [AlpacaRecord(**r) for r in alpaca(world)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """One generation: the record, its group (Ori./Para./Sub), the prompt and the reference."""
+
+    record: int
+    group: str
+    prompt: str
+    reference: str
+
+
+def queries(records: Sequence[LongFormRecord], first: int = 0) -> list[Query]:
+    out = []
+    for i, r in enumerate(records, start=first):
+        out.append(Query(i, "Ori.", r.question, r.answer))
+        if r.paraphrase:
+            out.append(Query(i, "Para.", r.paraphrase, r.answer))
+        out += [Query(i, "Sub", q, a) for q, a in zip(r.sub_questions, r.sub_answers,
+                                                      strict=True)]
+    return out
+
+
+def answerable(tokenizer: Any, cfg: Any, asked: Sequence[Query]) -> list[Query]:
+    """The queries whose prompt leaves room to answer; the others are logged and not scored."""
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, [q.prompt for q in asked])]
+    kept = [q for q, n in zip(asked, lengths, strict=True) if n < cfg.max_positions]
+    for q, n in zip(asked, lengths, strict=True):
+        if n >= cfg.max_positions:
+            logging.warning("not asking record %d's %s prompt: %d tokens leave no room in the "
+                            "model's %d positions", q.record, q.group, n, cfg.max_positions)
+    return kept
+
+
+def generate_answers(params: Params, cfg: Any, tokenizer: Any, asked: Sequence[Query],
+                     max_new_tokens: int, temperature: float, key: Any) -> list[str]:
+    """Answers to the chat-templated prompts; max_new_tokens is cut to fit the context."""
+    prompts = encode_prompts(tokenizer, [q.prompt for q in asked])
+    room = cfg.max_positions - max(map(len, prompts))
+    gen = GenerationConfig(max_new_tokens=max(1, min(max_new_tokens, room)),
+                           temperature=temperature, stop_ids=stop_token_ids(tokenizer, cfg),
+                           pad_id=tokenizer.pad_token_id or 0)
+    outputs = generate(params, cfg, prompts, gen, key)
+    return [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+
+
+# ---------------------------------------------------------------- scoring and report
+
+
+def score(asked: Sequence[Query], answers: Sequence[str], embed: Any) -> list[dict]:
+    metrics = score_pairs(answers, [q.reference for q in asked], embed)
+    return [{"record": q.record, "group": q.group, "answer": a, **m}
+            for q, a, m in zip(asked, answers, metrics, strict=True)]
+
+
+def group_means(scored: Sequence[dict], records: Sequence[LongFormRecord],
+                keep: set[int]) -> dict[str, dict[str, float]]:
+    """Per group (and EditEverything category), the mean over records of each metric; Sub is
+    averaged within a record first (muke §5.3)."""
+    groups: dict[str, list[dict]] = {}
+    for group in ("Ori.", "Para.", "Sub"):
+        per_record: dict[int, list[dict]] = {}
+        for s in scored:
+            if s["group"] == group and s["record"] in keep:
+                per_record.setdefault(s["record"], []).append(s)
+        rows = [aggregate([{k: v for k, v in x.items() if isinstance(v, float)} for x in xs])
+                for xs in per_record.values()]
+        if rows:
+            groups[group] = rows
+            for record, row in zip(per_record, rows, strict=True):
+                category = records[record].category
+                if group == "Ori." and category:
+                    groups.setdefault(f"Ori. {category}", []).append(row)
+    return {name: aggregate(rows) for name, rows in groups.items()}
+
+
+def table(pre: dict, post: dict) -> list[dict]:
+    rows = []
+    for group in post:
+        metrics = SUB_METRICS if group == "Sub" else PAPER_METRICS + STANDARD_METRICS
+        for metric in metrics:
+            if metric in post[group]:
+                rows.append({"group": group, "metric": metric,
+                             "pre": 100 * pre[group][metric], "post": 100 * post[group][metric]})
+    return rows
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, Any]:
+    model: ModelFlags = configs["ModelFlags"]
+    data: DataFlags = configs["DataFlags"]
+    edit: EditFlags = configs["EditFlags"]
+    run: RunFlags = configs["RunFlags"]
+    structured: StructuredFlags = configs["StructuredFlags"]
+    flags: LongFormFlags = configs["LongFormFlags"]
+    lm = load_model(checkpoint, jnp.dtype(model.dtype))
+    cfg, params = lm.config, lm.params
+    tokenizer = load_tokenizer(checkpoint, cfg)
+    pad_id = tokenizer.pad_token_id or 0
+    if not data.dataset and data.dataset_format not in ORGANISM_FILES:
+        raise FileNotFoundError(f"the organism has no {data.dataset_format} file: give "
+                                "--dataset")
+    dataset = data.dataset or str(checkpoint / "benchmarks" / ORGANISM_FILES[data.dataset_format])
+    categories = [c for c in flags.categories.split(",") if c] or None
+    records = select_records(read_longform(dataset, data.dataset_format, categories),
+                             data.num_edits)
+    config = unstructured_config(edit.method, structured, flags, cfg.n_layers)
+    edits, failed = encode_edits(tokenizer, records, config.window, cfg.max_positions)
+    for message in failed.values():
+        logging.warning("skipping %s", message)
+    index = {r.case_id: i for i, r in enumerate(records)}
+    if not edits:
+        raise EncodingError(f"none of the {len(records)} records can be edited: "
+                            + "; ".join(failed.values()))
+    stats, pool = {}, []
+    if config.solver == "unke":
+        pool = alpaca_pool(checkpoint, flags)
+    else:
+        cache = cache_root() / "stats"
+        stats_config = StatsConfig(source=str(stats_source(checkpoint, structured, cache)),
+                                   n_samples=structured.stats_samples,
+                                   max_length=structured.stats_max_length or None)
+        stats = layer_statistics(
+            params, cfg, tokenizer, config, stats_config, structured.nullspace_threshold,
+            default_cache_path(cache, checkpoint.resolve().name, config.layers, stats_config))
+    embed = None
+    if flags.sentence_encoder:
+        from keedit_jax.eval.sentence_encoder import SentenceEncoder  # noqa: PLC0415
+
+        embed = SentenceEncoder.load(flags.sentence_encoder).embed
+    key = jax.random.key(run.seed)
+    encoded = {index[x.case_id] for x in edits}
+    asked = answerable(tokenizer, cfg, [q for q in queries(records) if q.record in encoded])
+    began = time.perf_counter()
+    pre_answers = generate_answers(params, cfg, tokenizer, asked, run.max_new_tokens,
+                                   flags.temperature, key)
+    logging.info("pre-edit: %d answers in %.1f s", len(asked), time.perf_counter() - began)
+    pre = score(asked, pre_answers, embed)
+    rng = np.random.default_rng(SAMPLE_SEED)
+    affinity_dir = cache_root() / "affinity" / f"win{config.window.window_size}"
+    fingerprint = model_fingerprint(checkpoint)
+    post, seconds, current, edited_ids = [], [], params, set()
+    for start in range(0, len(edits), edit.edit_batch_size):
+        batch_edits = edits[start:start + edit.edit_batch_size]
+        began = time.perf_counter()
+        affinity = None
+        if config.window.uses_affinity and config.window.affinity_context == "upfront":
+            affinity = cached_affinities(current, cfg, batch_edits,
+                                         pack_windows(batch_edits, pad_id), config,
+                                         affinity_dir, fingerprint)
+        preservation = (preservation_contexts(tokenizer, pool, flags.preservation_samples,
+                                              rng, pad_id) if pool else None)
+        edited, dropped, _ = edit_longform(current, cfg, batch_edits, stats, config,
+                                           pad_id=pad_id, preservation=preservation,
+                                           affinity=affinity)
+        jax.block_until_ready(edited)
+        seconds.append(time.perf_counter() - began)
+        failed.update(dropped)
+        done = [index[x.case_id] for x in batch_edits if x.case_id not in dropped]
+        edited_ids.update(done)
+        batch_asked = [q for q in asked if q.record in done]
+        if batch_asked:
+            answers = generate_answers(edited, cfg, tokenizer, batch_asked, run.max_new_tokens,
+                                       flags.temperature, jax.random.fold_in(key, start + 1))
+            post += score(batch_asked, answers, embed)
+        current = edited if edit.sequential else params
+        logging.info("edited %d/%d (%.1f s for this batch of %d)", start + len(batch_edits),
+                     len(edits), seconds[-1], len(batch_edits))
+    pre_means = group_means(pre, records, edited_ids)
+    post_means = group_means(post, records, edited_ids)
+    steady = seconds[1:] or seconds
+    return {"title": f"{edit.method} ({config.window.strategy}, {config.solver}) on "
+                     f"{len(edited_ids)} long-form edits, batch size {edit.edit_batch_size}",
+            "table": table(pre_means, post_means), "pre": pre_means, "post": post_means,
+            "failed": {str(k): v for k, v in failed.items()},
+            "case_ids": [str(r.case_id) for r in records],
+            "seconds_per_batch": seconds,
+            "seconds_per_edit_steady": float(np.mean(steady)) / edit.edit_batch_size
+            if seconds else None,
+            "answers": {"pre": pre, "post": post}}

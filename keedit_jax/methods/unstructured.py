@@ -1,0 +1,198 @@
+"""Long-form editing: UnKE, AnyEdit(*), μKE(*), and MEMIT/AlphaEdit One-for-All, as one pipeline.
+
+requests -> windows (upstream.longform) -> shifts δ_i of every window under the strategy's
+token weights (upstream.windowed) -> m*_i = h_i + δ_i -> one weight update for all windows of
+all requests of the batch (muke §2.8; anyedit §2.4):
+  memit / alphaedit: MEMIT's multi-layer closed form, keys at the shift positions of X ⊕ Y,
+    with the other positions of the same sequence as in-context preservation keys K_p
+    (MEMIT_ARE form, muke §2.7); One-for-All reads its one key on X alone and has no K_p.
+  unke: the whole-layer regression (downstream.unke_edit) on X ⊕ Y, or on X for One-for-All
+    (muke §3.3), with Alpaca-format preservation samples.
+
+| method       | strategy            | solver | paper                       |
+|--------------|---------------------|--------|-----------------------------|
+| memit        | one_for_all         | memit  | MEMIT on long targets       |
+| alphaedit    | one_for_all         | alpha  | AlphaEdit on long targets   |
+| unke         | one_for_all         | unke   | UnKE                        |
+| anyedit      | window              | memit  | AnyEdit (MEMIT+)            |
+| anyedit_star | window              | unke   | AnyEdit* (UnKE+)            |
+| muke         | matryoshka_affinity | memit  | μKE                         |
+| muke_star    | matryoshka_affinity | unke   | μKE*                        |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from keedit_jax import downstream
+from keedit_jax.intervene import Taps, run
+from keedit_jax.models.config import ModelConfig
+from keedit_jax.models.generate import bucket, left_pad
+from keedit_jax.models.params import Params, down_proj_path
+from keedit_jax.upstream import TargetConfig
+from keedit_jax.upstream.longform import EncodedEdit, WindowConfig, pack_windows
+from keedit_jax.upstream.windowed import WindowResult, check_windows_finite, optimise_windows
+
+Array = jax.Array
+SolverName = Literal["memit", "alphaedit", "unke"]
+METHOD_PARTS: dict[str, tuple[str, SolverName]] = {
+    "memit": ("one_for_all", "memit"),
+    "alphaedit": ("one_for_all", "alphaedit"),
+    "unke": ("one_for_all", "unke"),
+    "anyedit": ("window", "memit"),
+    "anyedit_star": ("window", "unke"),
+    "muke": ("matryoshka_affinity", "memit"),
+    "muke_star": ("matryoshka_affinity", "unke"),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UnstructuredConfig:
+    """Layers, the shift optimisation, its windows, and one downstream solver."""
+
+    layers: tuple[int, ...]
+    solver: SolverName
+    target: TargetConfig
+    window: WindowConfig
+    in_context_preservation: bool = True
+    memit: downstream.MemitHParams = downstream.MemitHParams()
+    alphaedit: downstream.AlphaEditHParams = downstream.AlphaEditHParams(use_key_cache=False)
+    unke: downstream.UnkeHParams = downstream.UnkeHParams()
+
+    def __post_init__(self) -> None:
+        if not self.layers or list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"layers must be increasing and distinct, got {self.layers}")
+        if self.target.layer != self.layers[-1]:
+            raise ValueError(f"the shifted layer l_WM ({self.target.layer}) must be the last "
+                             f"edited layer ({self.layers[-1]}) (muke §1.6)")
+        if self.solver not in ("memit", "alphaedit", "unke"):
+            raise ValueError(f"unknown solver {self.solver!r}")
+
+    @property
+    def one_for_all(self) -> bool:
+        return self.window.strategy == "one_for_all"
+
+
+@dataclasses.dataclass(frozen=True)
+class KeySites:
+    """The update's contexts, left-padded [E, T], and the edit positions [E, N] (valid [E, N])."""
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    positions: np.ndarray
+    valid: np.ndarray
+
+
+def key_sites(edits: Sequence[EncodedEdit], prompt_only: bool, pad_id: int) -> KeySites:
+    """X ⊕ Y with every shift position, or X alone with its last token (One-for-All)."""
+    rows = [list(x.prompt_ids) if prompt_only else list(x.prompt_ids + x.target_ids)
+            for x in edits]
+    width = bucket(max(map(len, rows)), 8)
+    tokens, mask = left_pad(rows, width, len(rows), pad_id)
+    n = max(len(x.windows) for x in edits)
+    positions = np.zeros((len(edits), n), np.int32)
+    valid = np.zeros((len(edits), n), bool)
+    for i, (edit, row) in enumerate(zip(edits, rows, strict=True)):
+        at = width - len(row) + np.asarray(
+            [len(edit.prompt_ids) - 1] if prompt_only else edit.shift_positions)
+        positions[i] = at[0]  # padded slots repeat a real position (never read: valid False)
+        positions[i, : len(at)] = at
+        valid[i, : len(at)] = True
+    return KeySites(tokens, mask, positions, valid)
+
+
+@partial(jax.jit, static_argnames=("cfg", "key_layer", "out_layer"))
+def read_all_positions(params: Params, cfg: ModelConfig, tokens: Array, mask: Array,
+                       key_layer: int, out_layer: int) -> tuple[Array, Array]:
+    """In one forward: MEMIT keys of `key_layer` [E, T, F] and the output of `out_layer`
+    [E, T, D], at every position."""
+    _, captures = run(params, cfg, tokens=tokens, attention_mask=mask,
+                      stop=max(key_layer, out_layer) + 1,
+                      taps=Taps(mlp_key=(key_layer,), block_out=(out_layer,)))
+    return captures.mlp_key[key_layer], captures.block_out[out_layer]
+
+
+def closed_form_readout(cfg: ModelConfig, sites: KeySites, out_layer: int,
+                        preserve: bool):
+    """The per-layer readout of downstream.edit_layers: keys and outputs at the valid edit
+    positions (rows in edit-major, window order), and K_p = the keys at every other real
+    position of the same contexts (zero rows elsewhere)."""
+    rows, slots = np.nonzero(sites.valid)
+    columns = sites.positions[rows, slots]
+    others = sites.mask.astype(bool)
+    others[rows, columns] = False
+
+    def readout(current: Params, layer: int) -> downstream.Readout:
+        keys, outputs = read_all_positions(current, cfg, sites.tokens, sites.mask, layer,
+                                           out_layer)
+        kept = None
+        if preserve:
+            kept = jnp.where(jnp.asarray(others)[..., None], keys, 0.0)
+            kept = kept.reshape(-1, keys.shape[-1])
+        return downstream.Readout(keys=keys[rows, columns], outputs=outputs[rows, columns],
+                                  preserve=kept)
+
+    return readout
+
+
+def edit_longform(params: Params, cfg: ModelConfig, edits: Sequence[EncodedEdit],
+                  stats: Mapping[int, Array], config: UnstructuredConfig, *, pad_id: int,
+                  preservation: downstream.Contexts | None = None,
+                  affinity: Array | None = None
+                  ) -> tuple[Params, dict[int | str, str], dict[str, Any]]:
+    """Insert one batch of long-form edits.
+
+    stats[layer] is E[kkᵀ] (MEMIT) or P (AlphaEdit); UnKE needs `preservation` instead.
+    Returns (edited params, {case_id: message} of edits dropped because their shift loss went
+    non-finite, diagnostics). A failed solve raises, naming the layer and the requests.
+    """
+    batch = pack_windows(edits, pad_id)
+    result = jax.device_get(optimise_windows(params, cfg, batch, config.target, config.window,
+                                             affinity))
+    failures = check_windows_finite(result, tuple(x.case_id for x in edits))
+    kept = [i for i, x in enumerate(edits) if x.case_id not in failures]
+    diagnostics = shift_diagnostics(result, kept)
+    if not kept:
+        return params, failures, diagnostics
+    edits = [edits[i] for i in kept]
+    n = max(len(x.windows) for x in edits)
+    targets = np.asarray(result.targets)[kept, :n]
+    sites = key_sites(edits, config.one_for_all, pad_id)
+    ids = [x.case_id for x in edits]
+    if config.solver == "unke":
+        if preservation is None:
+            raise ValueError("UnKE's regression needs preservation contexts (Alpaca samples)")
+        params, _ = downstream.unke_edit(
+            params, cfg, layers=config.layers,
+            edit=downstream.Contexts(jnp.asarray(sites.tokens), jnp.asarray(sites.mask)),
+            positions=jnp.asarray(sites.positions), valid=jnp.asarray(sites.valid),
+            targets=jnp.asarray(targets), preserve=preservation, hparams=config.unke,
+            request_ids=ids)
+        return params, failures, diagnostics
+    solver = (downstream.memit(config.memit) if config.solver == "memit"
+              else downstream.alphaedit(config.alphaedit))
+    readout = closed_form_readout(cfg, sites, config.layers[-1],
+                                  config.in_context_preservation and not config.one_for_all)
+    states = downstream.init_states(solver, config.layers, cfg.d_ff)
+    flat_targets = jnp.asarray(targets[np.nonzero(sites.valid)])
+    params, _, reports = downstream.edit_layers(
+        params, down_proj_path(cfg), solver, stats, states, flat_targets, readout,
+        layers=config.layers, request_ids=ids)
+    diagnostics["relative_residual"] = {layer: float(r.solve.rel_residual)
+                                        for layer, r in reports.items()}
+    return params, failures, diagnostics
+
+
+def shift_diagnostics(result: WindowResult, rows: Sequence[int]) -> dict[str, Any]:
+    """Per edit: the loss of every stage at its first and last step, and the Adam updates."""
+    total = np.asarray(result.trace.total)
+    return {"shift_loss_first": total[rows, :, 0].tolist(),
+            "shift_loss_last": total[rows, :, -1].tolist(),
+            "updates": np.asarray(result.updates)[rows].tolist()}

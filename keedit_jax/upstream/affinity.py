@@ -1,0 +1,99 @@
+"""μKE's affinity coefficients (specs/muke.md §2.5, Eq. 12; §7.2-7.4).
+
+For stage i: T_aff Adam steps (lr 0.5, no clamp, from δ = 0) on the first figure's loss
+(token-mean NLL of window i + weight decay); at each visited δ^t, the gradient of every figure
+(Y_i..Y_k) (token-mean NLL of tokens [s_i, e_k) + weight decay) and its cosine with the first
+figure's; a_{i,k} = mean over t. The figure losses are linear in the per-token NLL, so all
+their gradients at one δ come from one forward pass (`jax.vjp`) and one backward pass vmap'd
+over the figures' token weights (DESIGN "Never recompute").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from keedit_jax.intervene import Shift, run
+from keedit_jax.models.config import ModelConfig
+from keedit_jax.models.params import Params
+from keedit_jax.upstream.config import TargetConfig
+from keedit_jax.upstream.loop import log_probs, safe_norm, token_nll
+
+Array = jax.Array
+NllFn = Callable[[Array], Array]
+
+
+def figure_weights(token_index: Array, starts: Array, ends: Array, n_windows: Array,
+                   stage: Array) -> Array:
+    """[N, T]: row k is figure (Y_stage..Y_k)'s token-mean weights, 0 for k outside
+    [stage, n_windows)."""
+    u, s_i = token_index, starts[stage]
+    k = jnp.arange(starts.shape[0])
+    inside = (u[None, :] >= s_i) & (u[None, :] < ends[:, None]) & (u[None, :] >= 0)
+    valid = ((k >= stage) & (k < n_windows))[:, None]
+    size = jnp.maximum(ends - s_i, 1)[:, None]
+    return jnp.where(inside & valid, 1.0 / size, 0.0)
+
+
+def figure_gradients(nll_fn: NllFn, wd_fn: Callable[[Array], Array], delta: Array,
+                     weights_kt: Array, mode: Literal["vmap", "loop"] = "vmap") -> Array:
+    """[K, D]: ∇_δ (weights_k · nll(δ) + wd(δ)) for every row k of weights_kt.
+
+    "vmap": one forward, one backward vmap'd over the K cotangents; "loop": one
+    forward + backward per figure (the reference's way; less memory).
+    """
+    wd_grad = jax.grad(wd_fn)(delta)
+    if mode == "loop":
+        def one(w_t: Array) -> Array:
+            return jax.grad(lambda d: jnp.dot(w_t, nll_fn(d)))(delta)
+        return jax.lax.map(one, weights_kt) + wd_grad
+    _, pullback = jax.vjp(nll_fn, delta)
+    return jax.vmap(lambda w_t: pullback(w_t)[0])(weights_kt) + wd_grad
+
+
+def cosine(a: Array, b_kd: Array) -> Array:
+    """cos(a, b_k) for every row k, 0 where a norm is 0."""
+    denominator = safe_norm(a) * safe_norm(b_kd)
+    return jnp.where(denominator > 0, b_kd @ a / jnp.where(denominator > 0, denominator, 1.0),
+                     0.0)
+
+
+def affinity_row(nll_fn: NllFn, h_d: Array, weights_kt: Array, stage: Array,
+                 hp: TargetConfig, steps: int, lr: float,
+                 mode: Literal["vmap", "loop"] = "vmap") -> Array:
+    """a_{stage,·} [N] (muke §3.1 Stage A); a_{stage,stage} = 1, entries outside the figures 1."""
+    def wd_fn(delta: Array) -> Array:
+        return hp.v_weight_decay * safe_norm(delta) / safe_norm(h_d) ** 2
+
+    optimiser = optax.adam(lr)
+
+    def step(carry: tuple[Array, optax.OptState], _: None
+             ) -> tuple[tuple[Array, optax.OptState], Array]:
+        delta, state = carry
+        grads = figure_gradients(nll_fn, wd_fn, delta, weights_kt, mode)
+        query = grads[stage]
+        updates, state = optimiser.update(query, state, delta)
+        return (optax.apply_updates(delta, updates), state), cosine(query, grads)
+
+    delta0 = jnp.zeros(h_d.shape, jnp.float32)
+    _, cosines = jax.lax.scan(step, (delta0, optimiser.init(delta0)), None, length=steps)
+    figures = jnp.any(weights_kt != 0, axis=1) & (jnp.arange(weights_kt.shape[0]) != stage)
+    return jnp.where(figures, cosines.mean(0), 1.0)
+
+
+def edit_nll_fn(params: Params, cfg: ModelConfig, hp: TargetConfig, prefix_td: Array,
+                mask_t: Array, labels_t: Array, positions_n: Array, frozen_nd: Array,
+                stage: Array) -> NllFn:
+    """δ -> per-token NLL [T] of one edit, δ at window `stage` and frozen_nd at the others,
+    from the cached hidden state entering layer l_WM."""
+    def nll(delta_d: Array) -> Array:
+        shifts = frozen_nd.at[stage].set(delta_d)
+        top, _ = run(params, cfg, attention_mask=mask_t[None], hidden=prefix_td[None],
+                     start=hp.layer, stop=hp.v_loss_layer + 1,
+                     shifts=(Shift(positions_n[None], shifts[None], hp.layer),))
+        return token_nll(log_probs(params, cfg, top)[0], labels_t)
+    return nll

@@ -1,0 +1,167 @@
+"""The windowed memory-shift optimisation: every long-form strategy on one shared loop.
+
+Sequential strategies run N stages in one `lax.scan`: stage i trains δ_i alone under that
+stage's token weights (keedit_jax.upstream.windows) with δ*_<i frozen and injected, from a fresh
+Adam state, then freezes it (muke §3.1 Stage B; anyedit §2.3). One-for-All and parallel-NLL
+are one stage with every shift trainable. The layers below l_WM run once per edit batch (the
+prefix of `loop.prepare`); every step runs layers [l_WM, v_loss_layer] only.
+
+μKE's affinities (keedit_jax.upstream.affinity) come either up front, on the unedited model
+for all windows at once (`compute_affinities`; cacheable per sample and window size), or in
+the loop, just before each stage, with δ*_<i injected (WindowConfig.affinity_context).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from keedit_jax.models.config import ModelConfig
+from keedit_jax.models.params import Params
+from keedit_jax.upstream.affinity import affinity_row, edit_nll_fn, figure_weights
+from keedit_jax.upstream.config import TargetConfig
+from keedit_jax.upstream.longform import WindowBatch, WindowConfig
+from keedit_jax.upstream.loop import (
+    LossTerms,
+    Problem,
+    check_layers,
+    is_finite,
+    optimise_stage,
+    prepare,
+)
+from keedit_jax.upstream.windows import affinity_lambdas, is_sequential, stage_token_weights
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class WindowResult:
+    """Optimised shifts of every window: δ, h, m* = h + δ [E, N, D]; per-stage traces
+    [E, stages, steps]; Adam updates [E, stages]; the affinities used [E, N, N] (μKE only,
+    else 1); finite [E]."""
+
+    delta: Array
+    h: Array
+    targets: Array
+    trace: LossTerms
+    updates: Array
+    affinity: Array
+    finite: Array
+
+
+def _edit_rows(batch: WindowBatch, problem: Problem) -> tuple[Array, ...]:
+    """Per-edit arrays the affinity functions vmap over."""
+    shift = batch.shift
+    return (problem.prefix, shift.attention_mask[:, 0], shift.labels[:, 0],
+            shift.shift_pos[:, 0], problem.h, batch.token_index, batch.starts, batch.ends,
+            batch.n_windows)
+
+
+def _affinity_for(params: Params, cfg: ModelConfig, hp: TargetConfig, wc: WindowConfig,
+                  frozen_nd: Array, stage: Array, prefix: Array, mask: Array, labels: Array,
+                  positions: Array, h: Array, token_index: Array, starts: Array, ends: Array,
+                  n_windows: Array) -> Array:
+    """a_{stage,·} [N] of one edit."""
+    nll_fn = edit_nll_fn(params, cfg, hp, prefix, mask, labels, positions, frozen_nd, stage)
+    weights = figure_weights(token_index, starts, ends, n_windows, stage)
+    return affinity_row(nll_fn, h[stage], weights, stage, hp, wc.affinity_steps,
+                        wc.affinity_lr, wc.affinity_gradients)
+
+
+def _upfront(params: Params, cfg: ModelConfig, hp: TargetConfig, wc: WindowConfig,
+             batch: WindowBatch, problem: Problem) -> Array:
+    """[E, N, N] affinities of every window of every edit, on the unedited model."""
+    n = batch.starts.shape[1]
+    zeros = jnp.zeros(problem.h.shape[1:], jnp.float32)
+
+    def one_edit(*rows: Array) -> Array:
+        per_stage = partial(_affinity_for, params, cfg, hp, wc, zeros)
+        return jax.vmap(lambda i: per_stage(i, *rows))(jnp.arange(n))
+
+    return jax.vmap(one_edit)(*_edit_rows(batch, problem))
+
+
+@partial(jax.jit, static_argnames=("cfg", "hp", "wc", "remat"))
+def compute_affinities(params: Params, cfg: ModelConfig, batch: WindowBatch, hp: TargetConfig,
+                       wc: WindowConfig, remat: bool = False) -> Array:
+    """[E, N, N] up-front affinities a_{i,k} (row i: stage i; a_{i,i} = 1)."""
+    check_layers(cfg, hp)
+    return _upfront(params, cfg, hp, wc, batch, prepare(params, cfg, batch.shift, hp, remat))
+
+
+def _stage_weights(wc: WindowConfig, batch: WindowBatch, stage: Array,
+                   affinity_en: Array) -> Array:
+    """[E, 1, T] token weights of every edit for this stage."""
+    lambdas = jax.vmap(partial(affinity_lambdas, order=wc.coefficient_order),
+                       in_axes=(0, None, 0))(affinity_en, stage, batch.n_windows)
+    weights = jax.vmap(partial(stage_token_weights, wc.strategy),
+                       in_axes=(0, 0, 0, 0, 0, None, 0))(
+        batch.token_index, batch.starts, batch.ends, batch.n_windows, batch.n_target, stage,
+        lambdas)
+    return weights[:, None, :].astype(jnp.float32)
+
+
+@partial(jax.jit, static_argnames=("cfg", "hp", "wc", "remat", "prefix_cache"))
+def optimise_windows(params: Params, cfg: ModelConfig, batch: WindowBatch, hp: TargetConfig,
+                     wc: WindowConfig, affinity: Array | None = None, remat: bool = False,
+                     prefix_cache: bool = True) -> WindowResult:
+    """Optimise every window's shift of every edit under wc.strategy, as one program.
+
+    affinity [E, N, N]: up-front affinities (e.g. from a cache); computed here when μKE
+    needs them and none are given (affinity_context "upfront"), or per stage ("in_loop").
+    prefix_cache=False runs every layer at every step (the reference's cost, benchmarks only).
+    """
+    check_layers(cfg, hp)
+    problem = prepare(params, cfg, batch.shift, hp, remat)
+    e, n = batch.starts.shape
+    valid = jnp.arange(n)[None, :] < batch.n_windows[:, None]  # [E, N]
+    if affinity is None:
+        upfront = wc.uses_affinity and wc.affinity_context == "upfront"
+        affinity = (_upfront(params, cfg, hp, wc, batch, problem) if upfront
+                    else jnp.ones((e, n, n), jnp.float32))
+    delta0 = jnp.zeros(problem.h.shape, jnp.float32)
+    stepping = problem if prefix_cache else problem._replace(prefix=None)
+
+    def stage(delta: Array, i: Array) -> tuple[Array, tuple[LossTerms, Array, Array]]:
+        row = affinity[:, i]
+        if wc.uses_affinity and wc.affinity_context == "in_loop":
+            row = jax.vmap(partial(_affinity_for, params, cfg, hp, wc),
+                           in_axes=(0, None) + (0,) * 9)(delta, i, *_edit_rows(batch, problem))
+        shift = dataclasses.replace(batch.shift, weights=_stage_weights(wc, batch, i, row))
+        trainable = valid & (jnp.arange(n)[None, :] == i)
+        result = optimise_stage(params, cfg, shift, hp, stepping, delta, trainable, remat)
+        return result.delta, (result.trace, result.updates, row)
+
+    if is_sequential(wc.strategy):
+        delta, (trace, updates, rows) = jax.lax.scan(stage, delta0, jnp.arange(n))
+        trace = LossTerms(*(jnp.swapaxes(x, 0, 1) for x in trace))
+        updates, affinity = updates.T, jnp.swapaxes(rows, 0, 1)
+    else:
+        weights = _stage_weights(wc, batch, jnp.asarray(0), affinity[:, 0])
+        shift = dataclasses.replace(batch.shift, weights=weights)
+        result = optimise_stage(params, cfg, shift, hp, stepping, delta0, valid, remat)
+        delta = result.delta
+        trace = LossTerms(*(x[:, None] for x in result.trace))
+        updates = result.updates[:, None]
+    finite = is_finite(LossTerms(*(x.reshape(e, -1) for x in trace)), delta)
+    return WindowResult(delta, problem.h, problem.h + delta, trace, updates, affinity, finite)
+
+
+def check_windows_finite(result: WindowResult, case_ids: tuple[int | str, ...]) -> dict:
+    """{case_id: message} for every edit whose shift loss or δ went non-finite (the others
+    stand: a failed edit is dropped from the weight update, not the whole batch)."""
+    finite = np.asarray(result.finite)
+    total = np.asarray(result.trace.total)  # [E, stages, steps]
+    failures = {}
+    for e in np.flatnonzero(~finite):
+        bad = np.argwhere(~np.isfinite(total[e]))
+        where = (f"window {bad[0][0]}, step {bad[0][1]}" if bad.size else "the final δ")
+        failures[case_ids[e]] = (f"request {case_ids[e]}: non-finite shift loss at {where}; "
+                                 "this edit is skipped")
+    return failures
+

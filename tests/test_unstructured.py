@@ -1,0 +1,218 @@
+"""Long-form methods end to end on the tiny llama: the update writes m* at the shift
+positions (MEMIT with K_p, UnKE's regression), a failed edit leaves the rest of its batch
+edited, and the command line reports bad records and goes on."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from keedit_jax import downstream, upstream
+from keedit_jax.data import AlpacaRecord
+from keedit_jax.methods.run_unstructured import preservation_contexts
+from keedit_jax.methods.unstructured import (
+    UnstructuredConfig,
+    edit_longform,
+    key_sites,
+    read_all_positions,
+)
+from keedit_jax.stats import StatsConfig, load_or_compute
+from keedit_jax.upstream.longform import WindowConfig, encode_edits
+from tests.test_main import assert_clean_error, model_directory, run_main
+from tests.test_windowed import REQUESTS as WINDOWED_REQUESTS
+
+# b gets letters no other text here has, so a NaN can be planted in b's tokens alone
+REQUESTS = (WINDOWED_REQUESTS[0],
+            WINDOWED_REQUESTS[1]._replace(answer=WINDOWED_REQUESTS[1].answer.replace(
+                "Water", "Zqj")))
+TEXTS = [
+    "The Eiffel Tower is located in Paris, the capital of France.",
+    "The Colosseum is an ancient amphitheatre in the centre of Rome.",
+    "Marie Curie was a physicist and chemist who won two Nobel Prizes.",
+    "Tokyo is the capital of Japan, and Berlin is the capital of Germany.",
+] * 4
+
+
+def _config(model, strategy, solver, layers=(0, 1)):
+    target = upstream.TargetConfig(layer=layers[-1], v_loss_layer=model.config.n_layers - 1,
+                                   fact_token="last", v_lr=0.5, v_weight_decay=1e-3,
+                                   clamp_norm_factor=4.0, early_stop_loss=1e-2, kl_factor=0.0)
+    # λ = 1: the tiny model's statistics come from 540 tokens, on another scale than
+    # Llama3-8B's 15000 was tuned for
+    return UnstructuredConfig(layers=layers, solver=solver, target=target,
+                              window=WindowConfig(strategy=strategy, window_size=6),
+                              memit=downstream.MemitHParams(mom2_update_weight=1.0))
+
+
+@pytest.fixture(scope="module")
+def moments(model, tok, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("text")
+    source = directory / "text.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    stats = load_or_compute(model.params, model.config, (0, 1), tok,
+                            config=StatsConfig(source=str(source), n_samples=len(TEXTS)),
+                            path=directory / "stats.npz")
+    return {layer: jnp.asarray(stats[layer].mean(), jnp.float32) for layer in stats}
+
+
+def _gap(model, edits, params, config, targets):
+    """‖output of l_WM at the shift positions − m*‖ per window, under params."""
+    sites = key_sites(edits, config.one_for_all, 0)
+    _, outputs = read_all_positions(params, model.config, sites.tokens, sites.mask,
+                                    config.layers[0], config.layers[-1])
+    rows, slots = np.nonzero(sites.valid)
+    return np.linalg.norm(np.asarray(outputs)[rows, sites.positions[rows, slots]]
+                          - targets[rows, slots], axis=-1)
+
+
+def _targets(model, edits, config):
+    from keedit_jax.upstream.longform import pack_windows
+    from keedit_jax.upstream.windowed import optimise_windows
+
+    result = optimise_windows(model.params, model.config, pack_windows(edits, 0),
+                              config.target, config.window)
+    return np.asarray(result.targets)
+
+
+def test_key_sites_are_the_shift_positions_of_x_plus_y(tok, model):
+    config = _config(model, "matryoshka_affinity", "memit")
+    edits, _ = encode_edits(tok, REQUESTS, config.window, 128)
+    sites = key_sites(edits, prompt_only=False, pad_id=0)
+    for row, edit in enumerate(edits):
+        ids = sites.tokens[row][sites.mask[row] == 1].tolist()
+        assert ids == list(edit.prompt_ids + edit.target_ids)
+        offset = sites.tokens.shape[1] - len(ids)
+        for i, (s, _) in enumerate(edit.windows):
+            previous = edit.prompt_ids[-1] if s == 0 else edit.target_ids[s - 1]
+            assert sites.tokens[row, sites.positions[row, i]] == previous
+            assert sites.positions[row, i] == offset + edit.shift_positions[i]
+    prompt = key_sites(edits, prompt_only=True, pad_id=0)
+    assert prompt.valid.sum(1).tolist() == [1, 1]
+    assert (prompt.positions[:, 0] == prompt.tokens.shape[1] - 1).all()
+
+
+@pytest.mark.parametrize("strategy", ["matryoshka_affinity", "one_for_all"])
+def test_memit_update_moves_the_outputs_to_the_targets(tok, model, moments, strategy):
+    config = _config(model, strategy, "memit")
+    edits, _ = encode_edits(tok, REQUESTS, config.window, 128)
+    targets = _targets(model, edits, config)
+    edited, failures, diagnostics = edit_longform(model.params, model.config, edits, moments,
+                                                  config, pad_id=0)
+    assert not failures and max(diagnostics["relative_residual"].values()) < 1e-3
+    before = _gap(model, edits, model.params, config, targets)
+    after = _gap(model, edits, edited, config, targets)
+    assert np.all(after < 0.5 * before), (before, after)
+
+
+def test_in_context_preservation_keeps_the_other_positions(tok, model, moments):
+    """With K_p the outputs at the non-shift positions of X ⊕ Y move less than without."""
+    config = _config(model, "window", "memit")
+    edits, _ = encode_edits(tok, REQUESTS, config.window, 128)
+    sites = key_sites(edits, False, 0)
+    others = sites.mask.astype(bool)
+    rows, slots = np.nonzero(sites.valid)
+    others[rows, sites.positions[rows, slots]] = False
+
+    def drift(preserve):
+        import dataclasses
+
+        edited, _, _ = edit_longform(model.params, model.config, edits, moments,
+                                     dataclasses.replace(config, in_context_preservation=preserve),
+                                     pad_id=0)
+        read = [read_all_positions(p, model.config, sites.tokens, sites.mask, 0, 1)[1]
+                for p in (model.params, edited)]
+        return float(np.linalg.norm(np.asarray(read[1] - read[0])[others]))
+
+    assert drift(True) < 0.8 * drift(False)
+
+
+def test_unke_update_and_a_failed_edit_leave_the_rest_edited(tok, model):
+    config = _config(model, "window", "unke", layers=(1,))
+    edits, _ = encode_edits(tok, REQUESTS, config.window, 128)
+    pool = [AlpacaRecord(instruction=t[:20], input="", output=t) for t in TEXTS[:4]]
+    preserve = preservation_contexts(tok, pool, 4, np.random.default_rng(0), 0)
+    targets = _targets(model, edits, config)
+    edited, failures, _ = edit_longform(model.params, model.config, edits, {}, config,
+                                        pad_id=0, preservation=preserve)
+    assert not failures
+    layer_before = jax.tree.map(lambda x: np.asarray(x[1]), model.params["model"]["layers"])
+    layer_after = jax.tree.map(lambda x: np.asarray(x[1]), edited["model"]["layers"])
+    assert any(not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(layer_before), jax.tree.leaves(layer_after), strict=True))
+    assert np.mean(_gap(model, edits, edited, config, targets)) < np.mean(
+        _gap(model, edits, model.params, config, targets))
+    # a NaN in edit b's embedding rows: b is reported and skipped, a is still written
+    only_b = set(edits[1].prompt_ids + edits[1].target_ids) - set(
+        edits[0].prompt_ids + edits[0].target_ids) - set(np.asarray(preserve.tokens).ravel())
+    params = jax.tree_util.tree_map(lambda x: x, model.params)
+    table = params["model"]["embed_tokens"]["embedding"]
+    params["model"]["embed_tokens"]["embedding"] = table.at[min(only_b)].set(jnp.nan)
+    edited, failures, _ = edit_longform(params, model.config, edits, {}, config, pad_id=0,
+                                        preservation=preserve)
+    assert list(failures) == ["b"] and "non-finite shift loss" in failures["b"]
+    assert not np.array_equal(np.asarray(edited["model"]["layers"]["mlp"]["down_proj"]["kernel"]),
+                              np.asarray(params["model"]["layers"]["mlp"]["down_proj"]["kernel"]))
+
+
+def _unkebench(answer_b: str, question_c: str) -> list[dict]:
+    def record(i, question, answer):
+        return {"id": i, "question": question, "para_question": question + " Tell me.",
+                "answer": answer, "sub_question": ["Where is it?"], "sub_answer": ["In Paris."]}
+
+    return [record(0, REQUESTS[0].question, REQUESTS[0].answer),
+            record(1, "Who?", answer_b), record(2, question_c, REQUESTS[1].answer)]
+
+
+def test_command_line_reports_bad_records_and_edits_the_rest(tmp_path, tiny_checkpoint,
+                                                             tiny_tokenizer_dir):
+    model = model_directory(tmp_path, tiny_checkpoint("llama"), tiny_tokenizer_dir)
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    dataset = tmp_path / "unke.json"
+    dataset.write_text(json.dumps(_unkebench("Hi.", "Tell me about " + "the tower " * 60)))
+    common = (f"--model={model}", "--method=muke", f"--dataset={dataset}",
+              "--dataset_format=unkebench", "--layers=0,1", "--window_size=6",
+              f"--stats_source={text}", "--stats_samples=16", "--max_new_tokens=8")
+    out = tmp_path / "out"
+    result = run_main(*common, f"--output_dir={out}", cache=tmp_path)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["failed"]) == {"1", "2"}
+    assert "not more than one window" in results["failed"]["1"]
+    assert "longer than the model's context" in results["failed"]["2"]
+    assert {row["group"] for row in results["table"]} == {"Ori.", "Para.", "Sub"}
+    assert "1 long-form edits" in results["title"]
+    broken = _unkebench(REQUESTS[1].answer, "Q?")
+    broken[1]["answer"] = " "
+    dataset.write_text(json.dumps(broken))
+    assert_clean_error(run_main(*common, f"--output_dir={tmp_path / 'out2'}", cache=tmp_path),
+                       str(dataset), "record 1", "answer")
+
+
+def test_affinities_are_cached_per_sample_and_a_corrupt_file_is_recomputed(tok, model,
+                                                                           tmp_path, caplog):
+    from keedit_jax.methods.run_unstructured import cached_affinities
+    from keedit_jax.upstream.longform import pack_windows
+
+    config = _config(model, "matryoshka_affinity", "memit")
+    edits, _ = encode_edits(tok, REQUESTS, config.window, 128)
+    batch = pack_windows(edits, 0)
+    first = np.asarray(cached_affinities(model.params, model.config, edits, batch, config,
+                                         tmp_path, "fp"))
+    files = sorted(tmp_path.glob("*.npy"))
+    assert len(files) == 2
+    assert {np.load(f).shape for f in files} == {(len(x.windows),) * 2 for x in edits}
+    files[0].write_bytes(b"not an array")
+    with caplog.at_level("WARNING"):
+        again = np.asarray(cached_affinities(model.params, model.config, edits, batch, config,
+                                             tmp_path, "fp"))
+    assert "unreadable" in caplog.text
+    np.testing.assert_allclose(again, first, atol=1e-6)
+    # another model fingerprint is another cache entry
+    cached_affinities(model.params, model.config, edits[:1], pack_windows(edits[:1], 0), config,
+                      tmp_path, "other")
+    assert len(list(tmp_path.glob("*.npy"))) == 3
