@@ -98,3 +98,21 @@ def test_consistency_needs_both_files(tmp_path):
     snippets.write_text("[]")
     assert_clean_error(run_main("--method=memit", f"--attribute_snippets={snippets}",
                                 cache=tmp_path), "needs both --attribute_snippets and --tfidf_dir")
+
+
+@pytest.mark.parametrize("flagfile", sorted(str(p.relative_to(ROOT))
+                                            for p in (ROOT / "configs").rglob("*.cfg")))
+def test_every_flagfile_parses_into_valid_configs_of_an_implemented_method(flagfile,
+                                                                            monkeypatch):
+    from absl import flags as absl_flags
+
+    from keedit_jax import flags as run_flags
+    from keedit_jax.methods import get_method
+
+    monkeypatch.chdir(ROOT)  # nested --flagfile= lines are relative to the repository
+    values = absl_flags.FlagValues()
+    run_flags.define_flags(flag_values=values)
+    run_flags.check_flagfiles(["main", f"--flagfile={flagfile}"], values)
+    values(["main", f"--flagfile={flagfile}"])
+    configs = {group: run_flags.from_flags(group, values) for group in run_flags.FLAG_GROUPS}
+    get_method(configs[run_flags.EditFlags].method)
