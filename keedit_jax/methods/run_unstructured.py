@@ -313,8 +313,10 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
     for start in range(0, len(edits), edit.edit_batch_size):
         batch_edits = edits[start:start + edit.edit_batch_size]
         began = time.perf_counter()
-        affinity = None
-        if config.window.uses_affinity and config.window.affinity_context == "upfront":
+        affinity = None  # computed in the edit program when not cached
+        # the cache holds affinities of the unedited model: sequential runs edit it
+        if (config.window.uses_affinity and config.window.affinity_context == "upfront"
+                and not edit.sequential):
             affinity = cached_affinities(current, cfg, batch_edits,
                                          pack_windows(batch_edits, pad_id), config,
                                          affinity_dir, fingerprint)
