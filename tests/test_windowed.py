@@ -22,7 +22,6 @@ from keedit_jax.upstream.windowed import check_windows_finite, compute_affinitie
 from keedit_jax.upstream.windows import (
     stage_token_weights,
     window_bounds,
-    window_coefficients,
 )
 
 Req = collections.namedtuple("Req", "case_id question answer")
@@ -45,14 +44,6 @@ def test_window_bounds_cover_the_target_with_and_without_overlap():
     assert window_bounds(3, 4) == [(0, 3)]
     with pytest.raises(ValueError, match="overlap"):
         window_bounds(10, 4, overlap=4)
-
-
-def test_worked_example_of_muke_2_5_for_both_coefficient_orders():
-    affinity = np.array([1.0, 0.9, 0.5])
-    np.testing.assert_allclose(window_coefficients(affinity, "paper"), [1.2, 2.6 / 3, 0.5],
-                               rtol=1e-6)
-    np.testing.assert_allclose(window_coefficients(affinity, "released"), [1.2, 0.7, 1 / 3],
-                               rtol=1e-6)
 
 
 M = 10  # target tokens; windows [0,4) [4,8) [8,10); labels at sequence positions 2..11
@@ -94,7 +85,8 @@ def test_static_strategies_give_their_hand_computed_weights(stage):
 
 
 def test_affinity_weights_follow_the_paper_and_the_released_order():
-    # stage 0, a = [1, .9, .5]: the worked example's window coefficients over M = 10 tokens
+    # stage 0, a = [1, .9, .5]: muke §2.5's worked example, window coefficients
+    # [1.2, .867, .5] (paper) and [1.2, .7, .333] (released), over M = 10 tokens
     row0 = [1.0, 0.9, 0.5]
     paper = upstream.windows.affinity_lambdas(jnp.asarray(row0), jnp.asarray(0),
                                               jnp.asarray(3), "paper")

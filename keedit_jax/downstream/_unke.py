@@ -88,11 +88,17 @@ class UnkeLayerReport:
 
 
 class _Side(NamedTuple):
-    """One MSE term: layer inputs, wanted outputs [B, T, D] and the real-token mask [B, T]."""
+    """One MSE term: layer inputs, wanted outputs [B, T, D], the real-token mask [B, T] and the
+    attention inputs derived from it (once, not at every step of the regression)."""
 
     inputs: Array
     targets: Array
     mask: Array
+    attn: AttnInputs
+
+
+def _side(cfg: ModelConfig, inputs: Array, targets: Array, mask: Array) -> _Side:
+    return _Side(inputs, targets, mask, prompt_inputs(cfg, mask))
 
 
 @partial(jax.jit, static_argnames=("cfg", "index", "last"))
@@ -132,8 +138,8 @@ def _masked_mse(pred_btd: Array, target_btd: Array, mask_bt: Array) -> Array:
 
 def _loss(cfg: ModelConfig, sides: tuple[_Side, ...], theta: Params) -> Array:
     """Σ over sides (preservation, edit) of MSE(layer_θ(inputs), targets)."""
-    return sum(_masked_mse(_apply_layer(cfg, theta, s.inputs, prompt_inputs(cfg, s.mask)),
-                           s.targets, s.mask) for s in sides)
+    return sum(_masked_mse(_apply_layer(cfg, theta, s.inputs, s.attn), s.targets, s.mask)
+               for s in sides)
 
 
 def _decays(theta: Params) -> Params:
@@ -227,8 +233,8 @@ def unke_edit(params: Params, cfg: ModelConfig, *, layers: Sequence[int], edit: 
         h_tgt, resid = _edit_targets(h_out.astype(dtype), z_last.astype(dtype), positions,
                                      valid, targets.astype(dtype), i, len(order))
         e_in, e_out, _ = _layer_io(params, cfg, preserve, index, index)
-        sides = (_Side(e_in.astype(dtype), e_out.astype(dtype), preserve.attention_mask),
-                 _Side(h_in.astype(dtype), h_tgt, edit.attention_mask))
+        sides = (_side(cfg, e_in.astype(dtype), e_out.astype(dtype), preserve.attention_mask),
+                 _side(cfg, h_in.astype(dtype), h_tgt, edit.attention_mask))
         theta, trace, final, finite = _regress(cfg, cast(theta, dtype), sides, hparams)
         _check_finite(finite, trace, index=index, request_ids=request_ids)
         params = _write_layer(params, cfg, index, theta)

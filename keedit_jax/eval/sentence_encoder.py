@@ -27,11 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from keedit_jax.models.checkpoint import (
-    _HF_LEAF_NAME,
-    CheckpointError,
+    HF_LEAF_NAME,
     TensorRule,
-    _iter_tensors,
     checkpoint_files,
+    read_tensors,
 )
 from keedit_jax.models.config import ConfigError, read_hf_config
 from keedit_jax.models.layers import activation, attend, layer_norm, linear
@@ -158,7 +157,7 @@ def tensor_rules(cfg: BertConfig) -> dict[str, TensorRule]:
     rules = {}
     for path, shape in _leaf_shapes(param_shapes(cfg)).items():
         transpose = path[-1] == "kernel"
-        names = path[:-1] + (_HF_LEAF_NAME[path[-1]],)
+        names = path[:-1] + (HF_LEAF_NAME[path[-1]],)
         stacked = path[: len(_LAYERS_PATH)] == _LAYERS_PATH
         shape = shape[1:] if stacked else shape
         shape = shape[::-1] if transpose else shape
@@ -178,30 +177,17 @@ def load_bert_params(cfg: BertConfig, directory: Path, dtype: np.dtype) -> Param
     rules = tensor_rules(cfg)
     shapes = param_shapes(cfg)
     buffers = jax.tree.map(lambda s: np.zeros(s, dtype), shapes, is_leaf=_is_shape)
-    seen: dict[str, Path] = {}
-    errors: list[str] = []
-    for file, raw_key, tensor in _iter_tensors(files):
+
+    def resolve(raw_key: str) -> str | None:
         key = raw_key.removeprefix("bert.")
-        if key.startswith(_IGNORED_PREFIXES):
-            continue
-        rule = rules.get(key)
-        if rule is None:
-            errors.append(f"{file.name}: unexpected tensor {raw_key!r} {tensor.shape}")
-        elif key in seen:
-            errors.append(f"{file.name}: tensor {raw_key!r} duplicated (also in {seen[key].name})")
-        elif tuple(tensor.shape) != rule.shape:
-            errors.append(f"{file.name}: tensor {raw_key!r} has shape {tuple(tensor.shape)}, "
-                          f"config.json implies {rule.shape}")
-        else:
-            target = get_path(buffers, rule.path)
-            value = (tensor.T if rule.transpose else tensor).astype(dtype)
-            target[... if rule.layer is None else rule.layer] = value
-        seen.setdefault(key, file)
-    missing = sorted(set(rules) - set(seen))
-    if missing:
-        errors.append(f"missing tensors (searched {[f.name for f in files]}): {missing}")
-    if errors:
-        raise CheckpointError(f"{directory}:\n  " + "\n  ".join(errors))
+        return key if key in rules else None
+
+    def write(rule: TensorRule, value: np.ndarray) -> None:
+        get_path(buffers, rule.path)[... if rule.layer is None else rule.layer] = value.astype(
+            dtype)
+
+    read_tensors(files, rules, resolve,
+                 lambda raw: raw.removeprefix("bert.").startswith(_IGNORED_PREFIXES), write)
     return jax.tree.map(jnp.asarray, buffers)
 
 

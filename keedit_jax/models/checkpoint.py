@@ -14,7 +14,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from keedit_jax.models.params import Params, abstract_params, get_path
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_HF_LEAF_NAME = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+HF_LEAF_NAME = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 # Files copied next to an exported checkpoint so that it is complete (tokenizer, generation).
 _SIDECAR_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -73,7 +73,7 @@ def tensor_rules(cfg: ModelConfig) -> dict[str, TensorRule]:
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         path = tuple(k.key for k in key_path)
         transpose = path[-1] == "kernel" and not family.conv1d
-        hf_leaf = _HF_LEAF_NAME[path[-1]]
+        hf_leaf = HF_LEAF_NAME[path[-1]]
         stacked = path[: len(family.layers_path)] == family.layers_path
         if not stacked:
             shape = leaf.shape[::-1] if transpose else leaf.shape
@@ -145,18 +145,21 @@ def load_model(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> Loade
     return LoadedModel(cfg, params, hf_config, directory)
 
 
-def _read_params(cfg: ModelConfig, files: list[Path], dtype: np.dtype) -> Params:
-    rules = tensor_rules(cfg)
-    ignored = [re.compile(p) for p in get_family(cfg).ignored_keys]
-    if cfg.tie_embeddings:  # some tied checkpoints also store the head; it is the embedding
-        ignored.append(re.compile(r"^lm_head\.weight$"))
-    buffers = {k: np.zeros(v.shape, dtype) for k, v in _flat_abstract(cfg).items()}
+def read_tensors(files: list[Path], rules: Mapping[str, TensorRule],
+                 resolve: Callable[[str], str | None], ignored: Callable[[str], bool],
+                 write: Callable[[TensorRule, np.ndarray], None]) -> None:
+    """Hand every tensor of `files` to `write` with its rule, already transposed; collect
+    every unexpected, duplicated, mis-shaped or missing tensor into one CheckpointError.
+
+    resolve maps a file's key to a key of `rules` (None: no rule); ignored says which keys
+    without a rule are expected (buffers, tied heads) rather than errors.
+    """
     seen: dict[str, Path] = {}
     errors: list[str] = []
     for file, raw_key, tensor in _iter_tensors(files):
-        key = _resolve_key(raw_key, rules)
+        key = resolve(raw_key)
         if key is None:
-            if not any(p.search(raw_key) for p in ignored):
+            if not ignored(raw_key):
                 errors.append(f"{file.name}: unexpected tensor {raw_key!r} {tensor.shape}")
             continue
         rule = rules[key]
@@ -166,12 +169,7 @@ def _read_params(cfg: ModelConfig, files: list[Path], dtype: np.dtype) -> Params
             errors.append(f"{file.name}: tensor {raw_key!r} has shape {tuple(tensor.shape)}, "
                           f"config.json implies {rule.shape}")
         else:
-            value = tensor.T if rule.transpose else tensor
-            target = buffers[rule.path]
-            if rule.layer is None:
-                target[...] = value.astype(dtype)
-            else:
-                target[rule.layer] = value.astype(dtype)
+            write(rule, tensor.T if rule.transpose else tensor)
         seen[key] = file
     missing = sorted(set(rules) - set(seen))
     if missing:
@@ -180,6 +178,20 @@ def _read_params(cfg: ModelConfig, files: list[Path], dtype: np.dtype) -> Params
         errors.append(f"missing tensors (searched {[f.name for f in files]}): {names}")
     if errors:
         raise CheckpointError(f"{files[0].parent}:\n  " + "\n  ".join(errors))
+
+
+def _read_params(cfg: ModelConfig, files: list[Path], dtype: np.dtype) -> Params:
+    rules = tensor_rules(cfg)
+    ignored = [re.compile(p) for p in get_family(cfg).ignored_keys]
+    if cfg.tie_embeddings:  # some tied checkpoints also store the head; it is the embedding
+        ignored.append(re.compile(r"^lm_head\.weight$"))
+    buffers = {k: np.zeros(v.shape, dtype) for k, v in _flat_abstract(cfg).items()}
+
+    def write(rule: TensorRule, value: np.ndarray) -> None:
+        buffers[rule.path][... if rule.layer is None else rule.layer] = value.astype(dtype)
+
+    read_tensors(files, rules, lambda raw: _resolve_key(raw, rules),
+                 lambda raw: any(p.search(raw) for p in ignored), write)
     return _unflatten({path: jnp.asarray(array) for path, array in buffers.items()})
 
 

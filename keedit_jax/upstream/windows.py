@@ -29,7 +29,6 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Array = jax.Array
 Strategy = Literal["one_for_all", "window", "sequential_nll", "matryoshka_vanilla",
@@ -102,11 +101,3 @@ def stage_token_weights(strategy: Strategy, token_index: Array, starts: Array, e
     summed = jnp.einsum("k,kt->t", figure, covered)
     return jnp.where(remaining, summed / ((n_windows - stage) * n_remaining), 0.0)
 
-
-def window_coefficients(affinity_row: np.ndarray, order: CoefficientOrder) -> np.ndarray:
-    """c_{i,j} = Σ_{k≥j} λ_{i,k} / (N − i) for one stage whose figures are affinity_row
-    (a_{i,i..N−1}): muke §2.4's per-window form, for checking against the worked example."""
-    n = len(affinity_row)
-    lam = np.asarray(affinity_lambdas(jnp.asarray(affinity_row, jnp.float32), jnp.asarray(0),
-                                      jnp.asarray(n), order))
-    return np.cumsum(lam[::-1])[::-1] / n
