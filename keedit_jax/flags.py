@@ -287,8 +287,58 @@ class MetaKEFlags:
                      feedback=self.metake_feedback)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParallelFlags:
+    """The device mesh and the multi-host start (keedit_jax.parallel); the defaults run on
+    every local device with the parameters split fsdp-style, and on one device as before."""
+
+    mesh_data: int = dataclasses.field(default=1, metadata={
+        "help": "Replicas of the model, each taking its share of the batch rows (-1: rest)."})
+    mesh_fsdp: int = dataclasses.field(default=-1, metadata={
+        "help": "Devices the parameters are split over along d_model, and the batch rows "
+                "too (-1: the devices the other axes leave)."})
+    mesh_tensor: int = dataclasses.field(default=1, metadata={
+        "help": "Devices the heads and d_ff are split over (-1: rest)."})
+    partitioner: str = dataclasses.field(default="gspmd", metadata={
+        "help": "XLA partitioner of the sharded programs: gspmd or shardy (see "
+                "keedit_jax.parallel.PARTITIONERS for why gspmd is the default)."})
+    distributed: bool = dataclasses.field(default=False, metadata={
+        "help": "Start jax.distributed (one process per host; TPU pods, SLURM and Open MPI "
+                "fill in the rest from the environment)."})
+    coordinator_address: str = dataclasses.field(default="", metadata={
+        "help": "host:port of process 0 (with --distributed, where the environment does not "
+                "say)."})
+    num_processes: int = dataclasses.field(default=0, metadata={
+        "help": "Processes of the run (0: from the environment); checked after the start."})
+    process_id: int = dataclasses.field(default=-1, metadata={
+        "help": "This process's index (-1: from the environment)."})
+
+    def __post_init__(self) -> None:
+        from keedit_jax import parallel  # noqa: PLC0415 (imports jax; validates)
+
+        self.mesh_config()
+        self.distributed_config()
+        if not self.distributed and (self.coordinator_address or self.num_processes > 1
+                                     or self.process_id > 0):
+            raise parallel.MeshError("--coordinator_address, --num_processes and "
+                                     "--process_id need --distributed")
+
+    def mesh_config(self) -> Any:
+        from keedit_jax import parallel  # noqa: PLC0415
+
+        return parallel.MeshConfig(data=self.mesh_data, fsdp=self.mesh_fsdp,
+                                   tensor=self.mesh_tensor, partitioner=self.partitioner)
+
+    def distributed_config(self) -> Any:
+        from keedit_jax import parallel  # noqa: PLC0415
+
+        return parallel.DistributedConfig(coordinator_address=self.coordinator_address,
+                                          num_processes=self.num_processes,
+                                          process_id=self.process_id)
+
+
 FLAG_GROUPS = (ModelFlags, DataFlags, EditFlags, RunFlags, StructuredFlags, LongFormFlags,
-               SequentialFlags, MetaKEFlags)
+               SequentialFlags, MetaKEFlags, ParallelFlags)
 
 
 def define_flags(groups: tuple[type, ...] = FLAG_GROUPS,

@@ -17,10 +17,11 @@ from typing import Any
 from absl import app, logging
 
 from keedit_jax import flags as run_flags
+from keedit_jax import parallel
 from keedit_jax.data import DatasetError
 from keedit_jax.downstream import SolveError
 from keedit_jax.methods import check_method_flags, get_method
-from keedit_jax.models import CheckpointError, ConfigError
+from keedit_jax.models import CheckpointError, ConfigError, config_from_hf, read_hf_config
 from keedit_jax.models.tokenizer import TokenizerMismatchError
 from keedit_jax.results import write_results
 from keedit_jax.stats import TextSourceError
@@ -33,7 +34,8 @@ run_flags.define_flags()
 # message); anything else is a bug and keeps its traceback.
 USER_ERRORS = (CheckpointError, ConfigError, TokenizerMismatchError, DatasetError,
                TextSourceError, EncodingError, SolveError, NonFiniteShiftError,
-               CheckpointMismatchError, FileNotFoundError, PermissionError, IndexError)
+               CheckpointMismatchError, parallel.MeshError, FileNotFoundError, PermissionError,
+               IndexError)
 
 
 def resolve_model(model: run_flags.ModelFlags) -> Path:
@@ -56,26 +58,34 @@ def main(argv: list[str]) -> None:
         method = get_method(edit.method)
         check_method_flags(configs)
         output = run_flags.check_writable(run.output_dir)
+        devices = configs["ParallelFlags"]
+        layout = parallel.start(devices.mesh_config(),
+                                devices.distributed_config() if devices.distributed else None)
     except (ValueError, OSError) as err:
         sys.exit(f"error: {err}")
-    _log_environment(configs)
+    _log_environment(configs, layout.mesh)
     started = time.perf_counter()
     try:
         checkpoint = resolve_model(model)
-        results = method(checkpoint=checkpoint, configs=configs)
+        parallel.check_mesh(config_from_hf(read_hf_config(checkpoint), str(checkpoint)),
+                            layout.mesh.shape)
+        with parallel.use_mesh(layout):
+            results = method(checkpoint=checkpoint, configs=configs)
     except USER_ERRORS as err:  # bad input: one clear line, no traceback
         sys.exit(f"error: {err}")
     results["seconds"] = round(time.perf_counter() - started, 1)
-    resolved = {name: dataclasses.asdict(cfg) for name, cfg in configs.items()}
-    written = write_results(output, resolved, results)
-    logging.info("wrote %s", ", ".join(str(p) for p in written))
-    print((output / "results.md").read_text())
+    if parallel.is_primary():  # every process computed the same results
+        resolved = {name: dataclasses.asdict(cfg) for name, cfg in configs.items()}
+        written = write_results(output, resolved, results)
+        logging.info("wrote %s", ", ".join(str(p) for p in written))
+        print((output / "results.md").read_text())
 
 
-def _log_environment(configs: dict[str, Any]) -> None:
+def _log_environment(configs: dict[str, Any], mesh: Any) -> None:
     import jax  # noqa: PLC0415 (after flag validation: importing jax costs a second)
 
-    logging.info("jax %s, devices %s", jax.__version__, jax.devices())
+    logging.info("jax %s, process %d of %d, devices %s, mesh %s", jax.__version__,
+                 jax.process_index(), jax.process_count(), jax.devices(), dict(mesh.shape))
     logging.info("config %s", json.dumps({k: dataclasses.asdict(v) for k, v in configs.items()}))
 
 

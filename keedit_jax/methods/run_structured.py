@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from keedit_jax import downstream
+from keedit_jax import downstream, parallel
 from keedit_jax.data import CounterFactRecord, read_dataset
 from keedit_jax.eval.structured import (
     evaluate_counterfact,
@@ -112,7 +112,7 @@ class StructuredRun:
 
 def load_structured_run(checkpoint: Path, model: ModelFlags, data: DataFlags,
                         flags: StructuredFlags) -> StructuredRun:
-    lm = load_model(checkpoint, jnp.dtype(model.dtype))
+    lm = load_model(checkpoint, jnp.dtype(model.dtype), parallel.model_shardings)
     tokenizer = load_tokenizer(checkpoint, lm.config)
     dataset = data.dataset or str(checkpoint / ORGANISM_DATASETS.get(data.dataset_format, ""))
     records = list(read_dataset(dataset, data.dataset_format)[: data.num_edits])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from keedit_jax import downstream
+from keedit_jax import downstream, parallel
 from keedit_jax.data import AlpacaRecord, LongFormRecord, read_alpaca, read_longform
 from keedit_jax.eval.longform_metrics import EMBEDDING_KEY, aggregate, score_pairs
 from keedit_jax.flags import (
@@ -126,12 +127,13 @@ def cached_affinities(params: Params, cfg: Any, edits: Sequence[EncodedEdit], ba
             row = None
         rows.append(row)
     if any(row is None for row in rows):
-        fresh = np.asarray(compute_affinities(params, cfg, batch, config.target, config.window))
+        fresh = parallel.to_host(compute_affinities(params, cfg, parallel.put_batch(batch),
+                                                    config.target, config.window))
         directory.mkdir(parents=True, exist_ok=True)
         for i, (path, edit) in enumerate(zip(paths, edits, strict=True)):
             k = len(edit.windows)
             rows[i] = fresh[i, :k, :k]
-            tmp = path.with_suffix(".tmp.npy")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # processes may share the cache
             np.save(tmp, rows[i])
             tmp.replace(path)
     padded = np.ones((len(edits), n, n), np.float32)
@@ -263,7 +265,7 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
     run: RunFlags = configs["RunFlags"]
     structured: StructuredFlags = configs["StructuredFlags"]
     flags: LongFormFlags = configs["LongFormFlags"]
-    lm = load_model(checkpoint, jnp.dtype(model.dtype))
+    lm = load_model(checkpoint, jnp.dtype(model.dtype), parallel.model_shardings)
     cfg, params = lm.config, lm.params
     tokenizer = load_tokenizer(checkpoint, cfg)
     pad_id = tokenizer.pad_token_id or 0

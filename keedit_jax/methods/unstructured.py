@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from keedit_jax import downstream
+from keedit_jax import downstream, parallel
 from keedit_jax.intervene import Taps, run
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.generate import bucket, left_pad
@@ -154,8 +154,8 @@ def edit_longform(params: Params, cfg: ModelConfig, edits: Sequence[EncodedEdit]
     non-finite, diagnostics). A failed solve raises, naming the layer and the requests.
     """
     batch = pack_windows(edits, pad_id)
-    result = jax.device_get(optimise_windows(params, cfg, batch, config.target, config.window,
-                                             affinity))
+    result = parallel.to_host(optimise_windows(params, cfg, parallel.put_batch(batch),
+                                               config.target, config.window, affinity))
     failures = check_windows_finite(result, tuple(x.case_id for x in edits))
     kept = [i for i, x in enumerate(edits) if x.case_id not in failures]
     diagnostics = shift_diagnostics(result, kept)

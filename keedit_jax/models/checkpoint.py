@@ -9,12 +9,13 @@ no remote code is run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,75 +125,147 @@ def _resolve_key(key: str, rules: dict[str, TensorRule]) -> str | None:
     return None
 
 
-def _iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, Any]]:
-    for file in files:
-        try:
-            with safe_open(str(file), framework="np") as handle:
-                for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    yield file, key, handle.get_tensor(key)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-            raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+@dataclasses.dataclass(frozen=True)
+class TensorSource:
+    """Where one rule's tensor is stored: the file and the key it has there."""
+
+    file: Path
+    key: str
 
 
-def load_model(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> LoadedModel:
-    """Load an HF checkpoint directory (single-file or sharded safetensors, any float dtype),
-    casting every parameter to `dtype`. All problems are collected and raised together."""
-    directory = Path(path)
-    hf_config = read_hf_config(directory)
-    cfg = config_from_hf(hf_config, str(directory / "config.json"))
-    files = checkpoint_files(directory)
-    params = _read_params(cfg, files, np.dtype(dtype))
-    return LoadedModel(cfg, params, hf_config, directory)
-
-
-def read_tensors(files: list[Path], rules: Mapping[str, TensorRule],
-                 resolve: Callable[[str], str | None], ignored: Callable[[str], bool],
-                 write: Callable[[TensorRule, np.ndarray], None]) -> None:
-    """Hand every tensor of `files` to `write` with its rule, already transposed; collect
-    every unexpected, duplicated, mis-shaped or missing tensor into one CheckpointError.
+def index_tensors(files: list[Path], rules: Mapping[str, TensorRule],
+                  resolve: Callable[[str], str | None],
+                  ignored: Callable[[str], bool]) -> dict[str, TensorSource]:
+    """Rule key -> where its tensor is, from the files' headers alone (no tensor is read);
+    every unexpected, duplicated, mis-shaped or missing tensor is collected into one
+    CheckpointError.
 
     resolve maps a file's key to a key of `rules` (None: no rule); ignored says which keys
     without a rule are expected (buffers, tied heads) rather than errors.
     """
-    seen: dict[str, Path] = {}
+    found: dict[str, TensorSource] = {}
     errors: list[str] = []
-    for file, raw_key, tensor in _iter_tensors(files):
-        key = resolve(raw_key)
-        if key is None:
-            if not ignored(raw_key):
-                errors.append(f"{file.name}: unexpected tensor {raw_key!r} {tensor.shape}")
-            continue
-        rule = rules[key]
-        if key in seen:
-            errors.append(f"{file.name}: tensor {raw_key!r} duplicated (also in {seen[key].name})")
-        elif tuple(tensor.shape) != rule.shape:
-            errors.append(f"{file.name}: tensor {raw_key!r} has shape {tuple(tensor.shape)}, "
-                          f"config.json implies {rule.shape}")
-        else:
-            write(rule, tensor.T if rule.transpose else tensor)
-        seen[key] = file
-    missing = sorted(set(rules) - set(seen))
+    for file in files:
+        try:
+            with safe_open(str(file), framework="np") as handle:
+                shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+        except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+        for raw_key, shape in shapes.items():
+            key = resolve(raw_key)
+            if key is None:
+                if not ignored(raw_key):
+                    errors.append(f"{file.name}: unexpected tensor {raw_key!r} {shape}")
+            elif key in found:
+                errors.append(f"{file.name}: tensor {raw_key!r} duplicated (also in "
+                              f"{found[key].file.name})")
+            elif shape != rules[key].shape:
+                errors.append(f"{file.name}: tensor {raw_key!r} has shape {shape}, "
+                              f"config.json implies {rules[key].shape}")
+            else:
+                found[key] = TensorSource(file, raw_key)
+    missing = sorted(set(rules) - set(found))
     if missing:
         names = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8
                                           else "")
         errors.append(f"missing tensors (searched {[f.name for f in files]}): {names}")
     if errors:
         raise CheckpointError(f"{files[0].parent}:\n  " + "\n  ".join(errors))
+    return found
 
 
-def _read_params(cfg: ModelConfig, files: list[Path], dtype: np.dtype) -> Params:
+class _OpenFiles:
+    """safetensors handles opened once per file for the many slice reads of one load."""
+
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        self._stack = stack
+        self._handles: dict[Path, Any] = {}
+
+    def slice(self, source: TensorSource, index: tuple[slice, ...]) -> np.ndarray:
+        try:
+            if source.file not in self._handles:
+                self._handles[source.file] = self._stack.enter_context(
+                    safe_open(str(source.file), framework="np"))
+            return self._handles[source.file].get_slice(source.key)[index]
+        except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+            raise CheckpointError(f"{source.file}: tensor {source.key!r} is not readable "
+                                  f"({err})") from err
+
+
+def load_model(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32,
+               shardings: Callable[[ModelConfig], Params | None] | None = None) -> LoadedModel:
+    """Load an HF checkpoint directory (single-file or sharded safetensors, any float dtype),
+    casting every parameter to `dtype`. All problems are collected and raised together.
+
+    shardings(cfg) gives each parameter's NamedSharding (`parallel.model_shardings`); every
+    device's block is then read straight from the files, so no host holds the whole model.
+    """
+    directory = Path(path)
+    hf_config = read_hf_config(directory)
+    cfg = config_from_hf(hf_config, str(directory / "config.json"))
+    files = checkpoint_files(directory)
+    placement = shardings(cfg) if shardings else None
+    params = _read_params(cfg, files, np.dtype(dtype), placement)
+    return LoadedModel(cfg, params, hf_config, directory)
+
+
+def read_tensors(files: list[Path], rules: Mapping[str, TensorRule],
+                 resolve: Callable[[str], str | None], ignored: Callable[[str], bool],
+                 write: Callable[[TensorRule, np.ndarray], None]) -> None:
+    """Hand every tensor of `files` to `write` with its rule, already transposed, after
+    `index_tensors` has checked them all."""
+    sources = index_tensors(files, rules, resolve, ignored)
+    with contextlib.ExitStack() as stack:
+        opened = _OpenFiles(stack)
+        for key, source in sources.items():
+            tensor = opened.slice(source, (slice(None),) * len(rules[key].shape))
+            write(rules[key], tensor.T if rules[key].transpose else tensor)
+
+
+def _read_params(cfg: ModelConfig, files: list[Path], dtype: np.dtype,
+                 shardings: Params | None) -> Params:
+    """Each leaf as one jax.Array built from the blocks its devices hold (the whole leaf on
+    the default device when `shardings` is None)."""
     rules = tensor_rules(cfg)
     ignored = [re.compile(p) for p in get_family(cfg).ignored_keys]
     if cfg.tie_embeddings:  # some tied checkpoints also store the head; it is the embedding
         ignored.append(re.compile(r"^lm_head\.weight$"))
-    buffers = {k: np.zeros(v.shape, dtype) for k, v in _flat_abstract(cfg).items()}
+    sources = index_tensors(files, rules, lambda raw: _resolve_key(raw, rules),
+                            lambda raw: any(p.search(raw) for p in ignored))
+    by_leaf: dict[tuple[str, ...], dict[int | None, str]] = {}
+    for key, rule in rules.items():
+        by_leaf.setdefault(rule.path, {})[rule.layer] = key
+    with contextlib.ExitStack() as stack:
+        opened = _OpenFiles(stack)
 
-    def write(rule: TensorRule, value: np.ndarray) -> None:
-        buffers[rule.path][... if rule.layer is None else rule.layer] = value.astype(dtype)
+        def block(leaf_path: tuple[str, ...], index: tuple[slice, ...]) -> np.ndarray:
+            """The block `index` of our leaf, read from the HF tensors it comes from."""
+            keys = by_leaf[leaf_path]
+            if None in keys:
+                return _read_block(opened, sources[keys[None]], rules[keys[None]], index)
+            layers = range(*index[0].indices(len(keys)))
+            return np.stack([_read_block(opened, sources[keys[i]], rules[keys[i]], index[1:])
+                             for i in layers])
 
-    read_tensors(files, rules, lambda raw: _resolve_key(raw, rules),
-                 lambda raw: any(p.search(raw) for p in ignored), write)
-    return _unflatten({path: jnp.asarray(array) for path, array in buffers.items()})
+        flat = {}
+        for path, leaf in _flat_abstract(cfg).items():
+            if shardings is None:  # uncommitted, as jnp.asarray: free to join any mesh later
+                whole = tuple(slice(None) for _ in leaf.shape)
+                flat[path] = jnp.asarray(block(path, whole).astype(dtype, copy=False))
+                continue
+            flat[path] = jax.make_array_from_callback(
+                leaf.shape, get_path(shardings, path),
+                lambda index, path=path: block(path, index).astype(dtype, copy=False))
+    return _unflatten(flat)
+
+
+def _read_block(opened: _OpenFiles, source: TensorSource, rule: TensorRule,
+                index: tuple[slice, ...]) -> np.ndarray:
+    """Our [d_in, d_out] block of an HF tensor stored [d_out, d_in] when transposed."""
+    index = tuple(index) + (slice(None),) * (len(rule.shape) - len(index))
+    if rule.transpose:
+        return opened.slice(source, index[::-1]).T
+    return opened.slice(source, index)
 
 
 def _flat_abstract(cfg: ModelConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from keedit_jax import parallel
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.layers import AttnInputs, KVCache, attention_mask
 from keedit_jax.models.params import Params
@@ -71,7 +72,8 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     tokens, mask = left_pad(prompts, length, bucket(len(prompts)), gen.pad_id)
     key = jax.random.key(0) if key is None else key
     decode = _generate_cached if gen.use_cache else _generate_recompute
-    out = np.asarray(decode(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), key, gen))
+    out = parallel.to_host(decode(params, cfg, parallel.put_rows(tokens),
+                                  parallel.put_rows(mask), key, gen))
     return [_until_stop(row, gen.stop_ids) for row in out[: len(prompts)]]
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from keedit_jax import parallel
 from keedit_jax.intervene import Taps, run
 from keedit_jax.models import ModelConfig, down_proj_path, get_path
 from keedit_jax.models.params import Params
@@ -112,16 +113,24 @@ def batch_sums(params: Params, cfg: ModelConfig, tokens_bt: Array, mask_bt: Arra
                    donate_argnums=(0,))
 def accumulate_batch(acc: Sums, params: Params, tokens_bt: Array, mask_bt: Array, *,
                      cfg: ModelConfig, layers: tuple[int, ...], with_values: bool) -> Sums:
-    """acc + this batch's sums; the accumulator is donated (updated in place)."""
-    return jax.tree.map(jnp.add, acc,
-                        batch_sums(params, cfg, tokens_bt, mask_bt, layers, with_values))
+    """acc + this batch's sums; the accumulator is donated (updated in place) and keeps its
+    layout (on a mesh: Σ k kᵀ by rows, the batch's share summed across devices)."""
+    total = jax.tree.map(jnp.add, acc,
+                         batch_sums(params, cfg, tokens_bt, mask_bt, layers, with_values))
+    return {index: {name: parallel.shard(value, _layout(name)) for name, value in sums.items()}
+            for index, sums in total.items()}
+
+
+def _layout(name: str) -> jax.sharding.PartitionSpec:
+    """[F, F] sums by rows over the mesh; the d_model-sized ones replicated."""
+    return parallel.STATS_ROWS if name == "ff" else jax.sharding.PartitionSpec()
 
 
 def zero_sums(cfg: ModelConfig, layers: Sequence[int], with_values: bool,
-              dtype: np.dtype | type = jnp.float32, xp=jnp) -> Sums:
+              dtype: np.dtype | type) -> dict[int, dict[str, np.ndarray]]:
     f, d = cfg.mlp_key_dim, cfg.d_model
     shapes = {"ff": (f, f), "df": (d, f), "dd": (d, d)} if with_values else {"ff": (f, f)}
-    return {index: {name: xp.zeros(shape, dtype) for name, shape in shapes.items()}
+    return {index: {name: np.zeros(shape, dtype) for name, shape in shapes.items()}
             for index in layers}
 
 
@@ -157,13 +166,14 @@ def second_moments(params: Params, cfg: ModelConfig, batches: Iterable[TokenBatc
     """
     layers = check_layers(cfg, layers)
     host_dtype = np.dtype(config.accumulate_dtype)
-    host = zero_sums(cfg, layers, config.with_values, host_dtype, xp=np)
-    device = zero_sums(cfg, layers, config.with_values)
+    host = zero_sums(cfg, layers, config.with_values, host_dtype)
+    device = _device_zeros(cfg, layers, config.with_values)
     progress = _Progress(log=log, every_s=config.log_every_s)
     pending = 0
-    for batch in batches:
-        device = accumulate_batch(device, params, batch.tokens_bt, batch.mask_bt, cfg=cfg,
-                                  layers=layers, with_values=config.with_values)
+    for batch in batches:  # rows padded to the mesh's batch axes: empty rows add nothing
+        device = accumulate_batch(device, params, parallel.put_rows(batch.tokens_bt),
+                                  parallel.put_rows(batch.mask_bt), cfg=cfg, layers=layers,
+                                  with_values=config.with_values)
         progress.update(batch.n_tokens)
         pending += 1
         if pending == config.flush_every:
@@ -176,9 +186,15 @@ def second_moments(params: Params, cfg: ModelConfig, batches: Iterable[TokenBatc
             for index, sums in host.items()}
 
 
+def _device_zeros(cfg: ModelConfig, layers: Sequence[int], with_values: bool) -> Sums:
+    zeros = zero_sums(cfg, layers, with_values, np.float32)
+    return {index: {name: parallel.put(value, _layout(name)) for name, value in sums.items()}
+            for index, sums in zeros.items()}
+
+
 def _flush(host: dict[int, dict[str, np.ndarray]], device: Sums) -> Sums:
     """Add the device chunk into the host sums (in place) and return a zeroed device chunk."""
-    for index, sums in device.items():
+    for index, sums in parallel.to_host(device).items():
         for name, value in sums.items():
-            host[index][name] += np.asarray(value, host[index][name].dtype)
+            host[index][name] += value.astype(host[index][name].dtype)
     return jax.tree.map(jnp.zeros_like, device)
