@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 from absl import app, logging
 
 from keedit_jax import flags as run_flags
@@ -30,8 +31,8 @@ from keedit_jax.upstream import EncodingError, NonFiniteShiftError
 
 run_flags.define_flags()
 
-# Errors that describe bad input (a file, record, field, layer or request is named in the
-# message); anything else is a bug and keeps its traceback.
+# Bad input (the message names the file, record, field, layer, request or flag); anything
+# else is a bug and keeps its traceback.
 USER_ERRORS = (CheckpointError, ConfigError, TokenizerMismatchError, DatasetError,
                TextSourceError, EncodingError, SolveError, NonFiniteShiftError,
                CheckpointMismatchError, parallel.MeshError, FileNotFoundError, PermissionError,
@@ -81,9 +82,7 @@ def main(argv: list[str]) -> None:
         print((output / "results.md").read_text())
 
 
-def _log_environment(configs: dict[str, Any], mesh: Any) -> None:
-    import jax  # noqa: PLC0415 (after flag validation: importing jax costs a second)
-
+def _log_environment(configs: dict[str, Any], mesh: jax.sharding.Mesh) -> None:
     logging.info("jax %s, process %d of %d, devices %s, mesh %s", jax.__version__,
                  jax.process_index(), jax.process_count(), jax.devices(), dict(mesh.shape))
     logging.info("config %s", json.dumps({k: dataclasses.asdict(v) for k, v in configs.items()}))

@@ -107,7 +107,7 @@ class MeshConfig:
 
 
 def _describe(sizes: Mapping[str, int]) -> str:
-    return "×".join(f"{axis}={size}" for axis, size in sizes.items())
+    return "(" + " ".join(f"--mesh_{axis}={size}" for axis, size in sizes.items()) + ")"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from absl import logging
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
@@ -180,16 +182,19 @@ class _OpenFiles:
     def __init__(self, stack: contextlib.ExitStack) -> None:
         self._stack = stack
         self._handles: dict[Path, Any] = {}
+        self.values_read = 0
 
     def slice(self, source: TensorSource, index: tuple[slice, ...]) -> np.ndarray:
         try:
             if source.file not in self._handles:
                 self._handles[source.file] = self._stack.enter_context(
                     safe_open(str(source.file), framework="np"))
-            return self._handles[source.file].get_slice(source.key)[index]
+            block = self._handles[source.file].get_slice(source.key)[index]
         except (OSError, ValueError, RuntimeError, SafetensorError) as err:
             raise CheckpointError(f"{source.file}: tensor {source.key!r} is not readable "
                                   f"({err})") from err
+        self.values_read += block.size
+        return block
 
 
 def load_model(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32,
@@ -256,6 +261,9 @@ def _read_params(cfg: ModelConfig, files: list[Path], dtype: np.dtype,
             flat[path] = jax.make_array_from_callback(
                 leaf.shape, get_path(shardings, path),
                 lambda index, path=path: block(path, index).astype(dtype, copy=False))
+    stored = sum(math.prod(rule.shape) for rule in rules.values())
+    logging.info("process %d read %d of the checkpoint's %d values (its devices' blocks)",
+                 jax.process_index(), opened.values_read, stored)
     return _unflatten(flat)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from keedit_jax import parallel
 from keedit_jax.models import ModelConfig
 from keedit_jax.models.family import get_family
 from keedit_jax.models.params import Params
@@ -72,7 +73,7 @@ def weights_fingerprint(params: Params, cfg: ModelConfig, stop: int) -> str:
         limit = leaf.size // leaf.shape[0] * min(stop, leaf.shape[0]) if stacked else leaf.size
         sample = _strided_sample(leaf, limit, max(1, limit // _SAMPLES_PER_LEAF))
         parts += ["/".join(names).encode(), str((leaf.shape, str(leaf.dtype))).encode(),
-                  np.asarray(sample).tobytes()]
+                  parallel.to_host(sample).tobytes()]
     return _sha256(*parts)
 
 
