@@ -168,6 +168,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow  # 60-120 s on 2 cores: both processes compile the same programs at once
 def test_two_processes_complete_an_edit_equal_to_one(tmp_path, tiny_model_dir):
     """Two jax.distributed processes on localhost, two CPU devices each (fsdp=4 across both):
     each reads half the checkpoint, they edit, and process 0 writes results whose generated
