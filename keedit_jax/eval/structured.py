@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from keedit_jax import parallel
 from keedit_jax.data.counterfact import CounterFactRecord
 from keedit_jax.data.zsre import ZsreRecord
 from keedit_jax.intervene import forward
@@ -96,7 +97,7 @@ def _score_chunk(params: Params, cfg: ModelConfig, rows: Sequence[tuple[list[int
     length = bucket(max(map(len, sequences)), min_length)
     tokens, mask = left_pad(sequences, length, bucket(len(rows)), pad_id)
     picked, argmax = _next_token_scores_jit(params, cfg, jnp.asarray(tokens), jnp.asarray(mask))
-    picked, argmax = np.asarray(picked), np.asarray(argmax)
+    picked, argmax = parallel.to_host((picked, argmax))
     out = []
     for r, (_, target) in enumerate(rows):
         n = len(target)  # right-aligned: the targets are the last n tokens, predicted at T-1-n..

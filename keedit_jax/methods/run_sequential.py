@@ -41,7 +41,7 @@ import numpy as np
 from absl import logging
 from safetensors.numpy import save_file
 
-from keedit_jax import downstream
+from keedit_jax import downstream, parallel
 from keedit_jax.data import CounterFactRecord
 from keedit_jax.eval.structured import (
     evaluate_counterfact,
@@ -213,7 +213,7 @@ def save_edited_layers(file: Path, params: Params, path: tuple[str, ...],
     keedit_jax.downstream), written to a temporary file and renamed into place."""
     kernels = layer_kernels(params, path, layers)
     temporary = file.with_name(f".{file.name}.tmp")
-    save_file({f"layer_{layer}": np.asarray(k) for layer, k in kernels.items()}, temporary,
+    save_file({f"layer_{layer}": k for layer, k in parallel.to_host(kernels).items()}, temporary,
               metadata={"kernel_path": "/".join(path)})
     os.replace(temporary, file)
     return file
@@ -283,8 +283,8 @@ class FactRegistry:
         for row, record in enumerate(batch):
             slot = slots.setdefault(fact_key(record), len(slots))
             for layer, (keys, values) in fitted.items():
-                self.keys[layer][slot] = np.asarray(keys[row])
-                self.values[layer][slot] = np.asarray(values[row])
+                self.keys[layer][slot] = parallel.to_host(keys[row])
+                self.values[layer][slot] = parallel.to_host(values[row])
 
 
 def resolve_repeated_facts(params: Params, states: dict[int, Any], registry: FactRegistry,

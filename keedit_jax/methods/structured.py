@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from keedit_jax import downstream
+from keedit_jax import downstream, parallel
 from keedit_jax.data import Request
 from keedit_jax.intervene import Taps, run
 from keedit_jax.models.config import ModelConfig
@@ -168,9 +168,10 @@ def edit_requests(params: Params, cfg: ModelConfig, tokenizer: Any,
     params, states, reports = downstream.edit_layers(
         params, down_proj_path(cfg), solver or config.make_solver(), stats, states,
         targets, readout, layers=config.layers, request_ids=[r.case_id for r in requests])
-    diagnostics = {"target_loss_first": np.asarray(result.trace.total[:, 0]).tolist(),
-                   "target_loss_last": np.asarray(result.trace.total[:, -1]).tolist(),
-                   "updates": np.asarray(result.updates).tolist(),
+    total, updates = parallel.to_host((result.trace.total, result.updates))
+    diagnostics = {"target_loss_first": total[:, 0].tolist(),
+                   "target_loss_last": total[:, -1].tolist(),
+                   "updates": updates.tolist(),
                    "relative_residual": {layer: float(r.solve.rel_residual)
                                          for layer, r in reports.items()},
                    "fitted": {layer: (r.keys, r.values) for layer, r in reports.items()},

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from keedit_jax import parallel
 from keedit_jax.intervene import Shift, Taps, run
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.params import Params
@@ -295,10 +296,10 @@ def check_layers(cfg: ModelConfig, hp: TargetConfig) -> None:
 
 def check_finite(result: ShiftResult, case_ids: tuple[int | str, ...]) -> None:
     """Raise, naming each failed request and the first step whose loss was not finite."""
-    finite = np.asarray(result.finite)
+    finite = parallel.to_host(result.finite)
     if finite.all():
         return
-    total = np.asarray(result.trace.total)
+    total = parallel.to_host(result.trace.total)
     failures = []
     for e in np.flatnonzero(~finite):
         bad = np.flatnonzero(~np.isfinite(total[e]))
