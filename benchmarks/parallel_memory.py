@@ -72,11 +72,11 @@ from benchmarks.common import (
     write_json,
 )
 from keedit_jax import downstream, parallel
-from keedit_jax.models.config import config_from_hf
 from keedit_jax.models.params import abstract_params
 from keedit_jax.stats import StatsConfig
 from keedit_jax.stats._moments import accumulate_batch
 from keedit_jax.stats._texts import rows_per_batch
+from keedit_jax.testing import published_config
 from keedit_jax.upstream import TargetConfig
 from keedit_jax.upstream.longform import EncodedEdit, WindowConfig, pack_windows
 from keedit_jax.upstream.windowed import compute_affinities, optimise_windows
@@ -90,26 +90,8 @@ V5E_HBM = 15.75 * 2**30  # bytes of a v5e chip's HBM available to a program (lib
 H200_HBM = 141e9  # bytes of one H200
 GiB = 2**30
 
-# The config.json of meta-llama/Meta-Llama-3-8B-Instruct and Qwen/Qwen2.5-7B-Instruct.
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-    "bos_token_id": 128000, "eos_token_id": 128009, "hidden_act": "silu", "hidden_size": 4096,
-    "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 8192,
-    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
-    "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
-    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "transformers_version": "4.40.0.dev0", "use_cache": True, "vocab_size": 128256}
-QWEN25_7B = {
-    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
-    "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 3584,
-    "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 32768,
-    "max_window_layers": 28, "model_type": "qwen2", "num_attention_heads": 28,
-    "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
-    "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16", "transformers_version": "4.43.1", "use_cache": True,
-    "use_sliding_window": False, "vocab_size": 152064}
-# model -> (config.json, μKE window size): configs/presets/*_muke.cfg
-MODELS = {"Llama-3-8B": (LLAMA3_8B, 30), "Qwen2.5-7B": (QWEN25_7B, 20)}
+# published model (keedit_jax.testing) -> μKE window size: configs/presets/*_muke.cfg
+MODELS = {"Llama-3-8B": 30, "Qwen2.5-7B": 20}
 LAYERS = (4, 5, 6, 7, 8)
 PROMPT_TOKENS, TARGET_TOKENS = 30, 130
 STATS_LENGTHS = {"stats 1k": 1024, "stats 8k": 8192}  # bucket lengths, 8192 tokens a batch
@@ -282,8 +264,8 @@ def worker(target: str, out: Path, programs: tuple[str, ...], dtypes: tuple[str,
         config = parallel.MeshConfig(data=mesh_spec.data, fsdp=mesh_spec.fsdp,
                                      tensor=mesh_spec.tensor)
         layout = parallel.make_mesh(config, devices[: mesh_spec.size])
-        for model, (hf, window_size) in MODELS.items():
-            cfg = config_from_hf(hf, model)
+        for model, window_size in MODELS.items():
+            cfg = published_config(model)
             parallel.check_mesh(cfg, dict(layout.mesh.shape))
             for dtype in dtypes:
                 built = _programs(cfg, window_size, dtype, layout)

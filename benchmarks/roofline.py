@@ -33,15 +33,11 @@ from typing import Any
 
 from benchmarks import flops
 from benchmarks.common import Json, markdown_table, seconds, si, write_json
-from keedit_jax.models import ModelConfig, config_from_hf
+from keedit_jax.models import ModelConfig
 from keedit_jax.models.generate import bucket
+from keedit_jax.testing import published_config
 
-# meta-llama/Meta-Llama-3-8B's shape (its config.json).
-LLAMA3_8B = config_from_hf({
-    "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0,
-    "rms_norm_eps": 1e-5, "tie_word_embeddings": False})
+LLAMA3_8B = published_config("Llama-3-8B")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,8 +68,8 @@ def main(argv: list[str]) -> None:
     started = time.perf_counter()
     try:
         checkpoint = resolve_model(model)
-        parallel.check_mesh(config_from_hf(read_hf_config(checkpoint), str(checkpoint)),
-                            layout.mesh.shape)
+        parallel.check_mesh(config_from_hf(read_hf_config(checkpoint),
+                                           str(checkpoint / "config.json")), layout.mesh.shape)
         with parallel.use_mesh(layout):
             results = method(checkpoint=checkpoint, configs=configs)
     except USER_ERRORS as err:  # bad input: one clear line, no traceback

@@ -204,7 +204,8 @@ def model_shardings(cfg: ModelConfig) -> Params | None:
 
 def shard(x: jax.Array, spec: P) -> jax.Array:
     """Constrain `x` to `spec` on the active mesh, inside or outside jit; a no-op without one."""
-    if jax.sharding.get_abstract_mesh().empty or jax.sharding.get_abstract_mesh().size == 1:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
         return x
     return jax.lax.with_sharding_constraint(x, spec)
 
@@ -254,7 +255,7 @@ def to_host(tree: Any) -> Any:
 
 
 def is_primary() -> bool:
-    """Process 0 writes results and caches; the others compute the same things."""
+    """Process 0 writes the results; the others compute the same things."""
     return jax.process_index() == 0
 
 

@@ -22,14 +22,9 @@ from jax.sharding import PartitionSpec as P
 
 from keedit_jax import parallel
 from keedit_jax.models import config_from_hf, read_hf_config
+from keedit_jax.testing import published_config
 from tests.test_main import ROOT, assert_clean_error, model_directory, run_main
 from tests.test_unstructured import REQUESTS, TEXTS, _unkebench
-
-# Llama-3-8B-Instruct's config.json (the fields our ModelConfig reads).
-LLAMA3_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
-             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-             "vocab_size": 128256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-             "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": False}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +75,7 @@ def test_partition_rules_split_every_kernel_of_every_family(tiny_checkpoint):
 
 
 def test_check_mesh_names_every_dimension_that_does_not_divide():
-    cfg = config_from_hf(LLAMA3_8B, "llama3-8b/config.json")
+    cfg = published_config("Llama-3-8B")
     parallel.check_mesh(cfg, {"data": 1, "fsdp": 8, "tensor": 1})  # v5e-8, fsdp
     parallel.check_mesh(cfg, {"data": 1, "fsdp": 4, "tensor": 2})
     with pytest.raises(parallel.MeshError) as err:
