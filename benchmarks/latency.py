@@ -11,6 +11,11 @@
   `loop.optimise_shifts`, the same steps in one compiled `while_loop`.
 - `affinity_variants`: μKE's affinity figure gradients vmap'd against one `jax.grad` per
   figure (`WindowConfig.affinity_gradients="loop"`).
+- `endtoend` (`memit_paths`, `muke_paths`): the library's upstream step as a user runs it
+  against the naive variant with every naive choice at once (no prefix cache, logits at every
+  position, affinity gradients in a loop, Python-stepped where the loop is MEMIT's), and the
+  largest δ difference between the two. Each optimisation alone is bounded (the headline's
+  other rows); the issue's ≥ 3× goal is about them together.
 
 Called by `benchmarks.run`; not a command of its own.
 """
@@ -50,9 +55,10 @@ from keedit_jax.methods.run_unstructured import (
 from keedit_jax.methods.structured import edit_requests
 from keedit_jax.methods.unstructured import edit_longform
 from keedit_jax.upstream import context_templates, encode_requests, optimise_shifts
-from keedit_jax.upstream.longform import encode_edits, pack_windows
+from keedit_jax.upstream.encode import read_every_position
+from keedit_jax.upstream.longform import WindowBatch, encode_edits, pack_windows
 from keedit_jax.upstream.loop import _Carry, _step, prepare
-from keedit_jax.upstream.windowed import compute_affinities
+from keedit_jax.upstream.windowed import compute_affinities, optimise_windows
 
 STRUCTURED = ("memit", "alphaedit", "memit_seq", "alphaedit_aligned", "memorize_latest",
               "lyaplock", "metake")
@@ -180,11 +186,15 @@ def _jit_step(params: Any, cfg: Any, batch: Any, hp: Any, problem: Any, carry: _
     return _step(params, cfg, batch, hp, problem, False, trainable, carry, step)[0]
 
 
-def stepped_shifts(params: Any, cfg: Any, batch: Any, hp: Any) -> jax.Array:
+def stepped_shifts(params: Any, cfg: Any, batch: Any, hp: Any,
+                   prefix_cache: bool = True) -> jax.Array:
     """The reference's loop: one jitted step per Python iteration, the early stop read on the
-    host after each step (torch's `loss.item()`), the same prefix cache and Adam steps as
-    `optimise_shifts`. Returns the final δ [E, P, D]."""
+    host after each step (torch's `loss.item()`), the same Adam steps as `optimise_shifts`.
+    prefix_cache=False drops the cached prefix after `prepare`, so every step runs every layer
+    from the tokens (`loop.shifted_log_probs`), as the reference does. Returns δ [E, P, D]."""
     problem = _jit_prepare(params, cfg, batch, hp)
+    if not prefix_cache:
+        problem = problem._replace(prefix=None)
     delta = jnp.zeros(problem.h.shape, jnp.float32)
     carry = _Carry(delta, optax.adam(hp.v_lr).init(delta), jnp.zeros(delta.shape[0], bool),
                    jnp.zeros(delta.shape[0], jnp.int32))
@@ -195,30 +205,42 @@ def stepped_shifts(params: Any, cfg: Any, batch: Any, hp: Any) -> jax.Array:
     return carry.delta
 
 
+def delta_agreement(optimised: jax.Array, naive: jax.Array) -> dict[str, float]:
+    """max |Δδ| and that over max |δ|: a speed-up counts only if both paths compute the same δ."""
+    diff = jnp.max(jnp.abs(optimised - naive))
+    return {"max_abs_diff": float(diff), "relative": float(diff / jnp.max(jnp.abs(optimised)))}
+
+
+def memit_batches(model: str, sizes: Sequence[int]) -> tuple[Any, Any, dict[int, Any]]:
+    """(run, target config, {size: ShiftBatch}) of the first CounterFact requests, encoded with
+    memit.cfg's target settings and the model's context templates."""
+    configs = flag_configs("configs/memit.cfg", f"--model={model}")
+    run = Loaded(resolve_model(configs["ModelFlags"])).run(configs)
+    target = structured_config("memit", configs["StructuredFlags"], run.cfg.n_layers).target
+    templates = context_templates(run.params, run.cfg, run.tokenizer, jax.random.key(0))
+    return run, target, {size: encode_requests(run.tokenizer,
+                                               [r.request for r in run.records[:size]],
+                                               templates, target).batch for size in sizes}
+
+
 def loop_variants(model: str, sizes: Sequence[int]) -> tuple[dict[str, Callable[[], Any]],
                                                              dict[str, float]]:
     """Compiled against Python-stepped shift optimisation on CounterFact requests (memit.cfg's
     target settings), per batch size; and the largest |δ| difference between the two."""
-    configs = flag_configs("configs/memit.cfg", f"--model={model}")
-    loaded = Loaded(resolve_model(configs["ModelFlags"]))
-    run = loaded.run(configs)
-    target = structured_config("memit", configs["StructuredFlags"], run.cfg.n_layers).target
-    templates = context_templates(run.params, run.cfg, run.tokenizer, jax.random.key(0))
+    run, target, batches = memit_batches(model, sizes)
     calls, diffs = {}, {}
-    for size in sizes:
-        encoded = encode_requests(run.tokenizer, [r.request for r in run.records[:size]],
-                                  templates, target)
-        compiled = partial(optimise_shifts, run.params, run.cfg, encoded.batch, target)
-        stepped = partial(stepped_shifts, run.params, run.cfg, encoded.batch, target)
+    for size, batch in batches.items():
+        compiled = partial(optimise_shifts, run.params, run.cfg, batch, target)
+        stepped = partial(stepped_shifts, run.params, run.cfg, batch, target)
         diffs[f"@{size}"] = float(jnp.max(jnp.abs(compiled().delta - stepped())))
         calls[f"loop compiled @{size}"] = lambda c=compiled: c().delta
         calls[f"loop python-stepped @{size}"] = stepped
     return calls, diffs
 
 
-def affinity_variants(model: str, n_edits: int) -> dict[str, Callable[[], Any]]:
-    """μKE's up-front affinities of `n_edits` records, one at a time as in the papers: figure
-    gradients vmap'd (ours) against one jax.grad per figure (the reference)."""
+def muke_batches(model: str, n_edits: int) -> tuple[Any, Any, list[WindowBatch]]:
+    """(run, μKE's config from configs/muke.cfg, one WindowBatch per edit): the first
+    `n_edits` UnKEBench-format records, one at a time as in the papers."""
     configs = flag_configs("configs/muke.cfg", f"--model={model}")
     loaded = Loaded(resolve_model(configs["ModelFlags"]))
     run = loaded.run(configs)
@@ -227,7 +249,13 @@ def affinity_variants(model: str, n_edits: int) -> dict[str, Callable[[], Any]]:
     records = read_longform(loaded.checkpoint / "benchmarks" / ORGANISM_FILES["unkebench"])
     edits, _ = encode_edits(run.tokenizer, records[:n_edits], config.window,
                             run.cfg.max_positions)
-    batches = [pack_windows([edit], 0) for edit in edits]
+    return run, config, [pack_windows([edit], 0) for edit in edits]
+
+
+def affinity_variants(model: str, n_edits: int) -> dict[str, Callable[[], Any]]:
+    """μKE's up-front affinities of `n_edits` records, one at a time as in the papers: figure
+    gradients vmap'd (ours) against one jax.grad per figure (the reference)."""
+    run, config, batches = muke_batches(model, n_edits)
     looped = dataclasses.replace(config.window, affinity_gradients="loop")
 
     def each(window: Any) -> Callable[[], Any]:
@@ -235,3 +263,56 @@ def affinity_variants(model: str, n_edits: int) -> dict[str, Callable[[], Any]]:
                         for b in batches]
 
     return {"affinity vmap": each(config.window), "affinity loop": each(looped)}
+
+
+# --- end to end: every optimisation against every naive choice at once --------------------
+
+
+Paths = tuple[dict[str, Callable[[], Any]], dict[str, dict[str, float]]]
+
+
+def memit_paths(params: Any, cfg: Any, target: Any, batches: dict[int, Any]) -> Paths:
+    """MEMIT's target step (compute_z) per batch size: `optimise_shifts` (one compiled loop,
+    prefix cache, logits at the read positions) against the reference's way (Python-stepped,
+    every layer at every step, logits at every position); and their δ agreement."""
+    calls, agreement = {}, {}
+    for size, batch in batches.items():
+        optimised = partial(optimise_shifts, params, cfg, batch, target)
+        naive = partial(stepped_shifts, params, cfg, read_every_position(batch), target,
+                        prefix_cache=False)
+        agreement[f"memit @{size}"] = delta_agreement(optimised().delta, naive())
+        calls[f"memit optimised @{size}"] = lambda c=optimised: c().delta
+        calls[f"memit naive @{size}"] = naive
+    return calls, agreement
+
+
+def muke_paths(params: Any, cfg: Any, target: Any, window: Any, batch: WindowBatch) -> Paths:
+    """μKE's upstream for one batch: affinities vmap'd, then `optimise_windows` with the prefix
+    cache and logits at the read positions, against affinities one jax.grad per figure, then
+    every layer at every step and logits at every position; and their δ agreement. Both are
+    compiled (the naive windowed loop is not Python-stepped; `memit_paths` times that)."""
+    naive_batch = dataclasses.replace(batch, shift=read_every_position(batch.shift))
+    looped = dataclasses.replace(window, affinity_gradients="loop")
+
+    def upstream(b: WindowBatch, wc: Any, prefix_cache: bool) -> Callable[[], jax.Array]:
+        def call() -> jax.Array:
+            affinity = compute_affinities(params, cfg, b, target, wc)
+            return optimise_windows(params, cfg, b, target, wc, affinity,
+                                    prefix_cache=prefix_cache).delta
+        return call
+
+    optimised, naive = upstream(batch, window, True), upstream(naive_batch, looped, False)
+    size = batch.starts.shape[0]
+    return ({f"muke optimised @{size}": optimised, f"muke naive @{size}": naive},
+            {f"muke @{size}": delta_agreement(optimised(), naive())})
+
+
+def endtoend(model: str, memit_sizes: Sequence[int]) -> Paths:
+    """Both methods' paths on `model`: MEMIT at each of `memit_sizes`, μKE on one edit (as the
+    papers run it)."""
+    run, target, batches = memit_batches(model, memit_sizes)
+    memit_calls, memit_agreement = memit_paths(run.params, run.cfg, target, batches)
+    run, config, (batch, *_) = muke_batches(model, 1)
+    muke_calls, muke_agreement = muke_paths(run.params, run.cfg, config.target, config.window,
+                                            batch)
+    return {**memit_calls, **muke_calls}, {**memit_agreement, **muke_agreement}

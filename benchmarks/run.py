@@ -7,6 +7,10 @@ One command writes DIR/results.json, DIR/report.md and plots (PNG):
   stats       statistics tokens/s, one pass against one pass per layer (`benchmarks.stats`)
   loop        the shift optimisation in one compiled loop against a Python-stepped loop
   affinity    μKE's affinity gradients vmap'd against one jax.grad per figure
+  endtoend    the library's upstream step against the naive variant with every naive choice at
+              once: MEMIT's targets at the loop batches (Python-stepped, every layer, logits
+              at every position) and μKE's for one edit (affinity gradients in a loop, every
+              layer, every position; compiled); the δ of both paths compared
   latency     per-edit latency of every method (edit only, after a warm-up batch that compiles)
   sequential  time per batch against edits done (`benchmarks.sequential_solvers`)
   memory      compiled memory analyses and the process's peak RSS after each part
@@ -95,7 +99,7 @@ SMOKE = Suite(
     affinity_edits=1, solver_shape=(64, 16), solver_batches=3, matmul_sizes=(128,),
     copy_bytes=1 << 20)
 SUITES = {"cpu": CPU, "gpu": GPU, "smoke": SMOKE}
-PARTS = ("limits", "model", "stats", "loop", "affinity", "latency", "sequential")
+PARTS = ("limits", "model", "stats", "loop", "affinity", "endtoend", "latency", "sequential")
 
 
 class Clock:
@@ -158,6 +162,12 @@ def run_loop(suite: Suite) -> Json:
 def run_affinity(suite: Suite) -> Json:
     calls = latency.affinity_variants(suite.organism, suite.affinity_edits)
     return {"edits": suite.affinity_edits, "timings": run_timed(calls, suite.loop_repeats)}
+
+
+def run_endtoend(suite: Suite) -> Json:
+    """MEMIT's and μKE's optimised and naive upstream steps, all in the same rounds."""
+    calls, agreement = latency.endtoend(suite.organism, suite.loop_batches)
+    return {"timings": run_timed(calls, suite.loop_repeats), "delta_agreement": agreement}
 
 
 def run_latency(suite: Suite) -> Json:
@@ -228,7 +238,7 @@ def headline(results: Json) -> list[Json]:
                          f["prefix_cached"]["median_s"], f["forward_backward"]["median_s"],
                          "every layer at every step",
                          f"{f['prefix_cached']['fraction_of_peak']:.0%} of matmul peak"))
-        rows.append(_row("edit step, prefix cache + target-only logits (not yet the library's "
+        rows.append(_row("edit step, prefix cache + target-only logits (as the library's "
                          "loop)", f["prefix_cached_target_logits"]["median_s"],
                          f["forward_backward"]["median_s"], "every layer at every step",
                          f"{f['prefix_cached_target_logits']['fraction_of_peak']:.0%} of "
@@ -250,13 +260,18 @@ def headline(results: Json) -> list[Json]:
             ("loop", "shift optimisation, one compiled loop", "loop compiled",
              "loop python-stepped", "Python-stepped, host round-trip per step"),
             ("affinity", "μKE affinities, figure gradients vmap'd", "affinity vmap",
-             "affinity loop", "one jax.grad per figure")):
+             "affinity loop", "one jax.grad per figure"),
+            ("endtoend", "end to end: MEMIT targets, optimise_shifts", "memit optimised",
+             "memit naive", "Python-stepped, every layer, every position"),
+            ("endtoend", "end to end: μKE upstream (affinities + windows)", "muke optimised",
+             "muke naive", "affinity gradients in a loop, every layer, every position "
+             "(compiled: no Python-stepped windowed loop)")):
         timings = results.get(part, {}).get("timings", {})
         for name, t in timings.items():
             if not name.startswith(fast):
                 continue
             suffix = name.removeprefix(fast)
-            where = f" (batch {suffix.strip(' @')})" if suffix else ""
+            where = f", batch {suffix.strip(' @')}" if suffix else ""
             rows.append(_row(label + where, t["median_s"], timings[slow + suffix]["median_s"],
                              naive, "n/a: a pipeline of programs, no FLOP count"))
     return rows
@@ -292,6 +307,11 @@ def report(results: Json) -> str:
                                seconds(r["naive_s"]), f"{r['naive_over_optimised']:.2f}×",
                                "yes" if r["goal_3x_met"] else "no"]
                               for r in results["headline"]]), ""]
+    if "endtoend" in results:
+        rows = [[name, f"{a['max_abs_diff']:.2e}", f"{a['relative']:.2e}"]
+                for name, a in results["endtoend"]["delta_agreement"].items()]
+        lines += ["End to end, the two paths' δ (max |Δδ|, and over max |δ|):", "",
+                  markdown_table(["upstream step", "max |Δδ|", "relative"], rows), ""]
     if "latency" in results:
         rows = [[r["method"], r["kind"], str(r["batch"]), seconds(r["per_edit_s"]),
                  seconds(r["median_s"]), seconds(r["compile_s_approx"])]
@@ -407,6 +427,8 @@ def describe(suite_name: str, suite: Suite, parts: Sequence[str]) -> str:
              f"  loop: compiled vs Python-stepped on {suite.organism}, batches "
              f"{suite.loop_batches}",
              f"  affinity: vmap vs loop, {suite.affinity_edits} edits",
+             f"  endtoend: optimised vs naive upstream on {suite.organism}, MEMIT batches "
+             f"{suite.loop_batches}, μKE one edit, {suite.loop_repeats} rounds",
              f"  latency on {suite.organism}:"]
     for method, sizes in {**suite.structured_batches, **suite.longform_batches}.items():
         lines.append(f"    {method}: batches {sizes}")
@@ -460,6 +482,7 @@ def main(argv: Sequence[str] | None = None) -> Json | None:
     results["limits"] = {"start": clock.part("limits", lambda: limits(suite))}
     steps = {"model": lambda: run_model(suite, out), "stats": lambda: run_stats(suite),
              "loop": lambda: run_loop(suite), "affinity": lambda: run_affinity(suite),
+             "endtoend": lambda: run_endtoend(suite),
              "latency": lambda: run_latency(suite), "sequential": lambda: run_sequential(suite)}
     for part in parts:
         if part in steps:

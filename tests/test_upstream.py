@@ -83,6 +83,25 @@ def test_prefix_cached_loss_equals_full_forward_loss(model, encoded, solved):
     assert np.all(solved.trace.kl[:, 1:] > 0)  # the KL term is live once δ moves
 
 
+def test_logits_are_read_at_every_weighted_and_kl_position_only(model, encoded, solved):
+    batch = encoded.batch
+    read = np.asarray(batch.read_pos)
+    weighted = np.asarray(batch.weights) != 0
+    for e, s in np.ndindex(read.shape[:2]):
+        wanted = set(np.flatnonzero(weighted[e, s]))
+        if batch.kl_weight[e, s]:
+            wanted.add(int(batch.kl_pos[e, s]))
+        assert set(read[e, s][read[e, s] >= 0]) == wanted, (e, s)
+    # reading every position (the reference's cost) changes no term
+    every = upstream.encode.read_every_position(batch)
+    full = upstream.evaluate_shift(model.params, model.config, every,
+                                   jnp.asarray(solved.delta), HP)
+    for name, value in full._asdict().items():
+        np.testing.assert_allclose(value, getattr(solved.trace, name)[:, -1], rtol=1e-4,
+                                   atol=1e-6, err_msg=name)
+    assert read.shape[-1] < every.read_pos.shape[-1]
+
+
 def test_clamp_holds_at_every_step(solved):
     radius = HP.clamp_norm_factor * np.linalg.norm(solved.h, axis=-1)  # [E, P]
     assert np.all(solved.delta_norm <= radius[:, None, :] * (1 + 1e-5) + 1e-6)

@@ -15,7 +15,7 @@ import pytest
 
 from keedit_jax import upstream
 from keedit_jax.intervene import Shift, Taps, run
-from keedit_jax.upstream.affinity import edit_nll_fn, figure_gradients, figure_weights
+from keedit_jax.upstream.affinity import edit_loss, figure_gradients, figure_weights
 from keedit_jax.upstream.encode import EncodingError
 from keedit_jax.upstream.longform import WindowConfig, encode_edit, encode_edits, pack_windows
 from keedit_jax.upstream.windowed import check_windows_finite, compute_affinities, optimise_windows
@@ -158,11 +158,27 @@ def test_bad_targets_and_prompts_fail_with_the_case_named(tok, model):
     assert short.windows == ((0, len(short.target_ids)),) and len(short.target_ids) <= WINDOW
 
 
-def _edit_nll(model, hp, batch, problem, edit, frozen, stage):
+def _edit_loss(model, hp, batch, problem, edit, frozen, stage):
     shift = batch.shift
-    return edit_nll_fn(model.params, model.config, hp, problem.prefix[edit],
-                       shift.attention_mask[edit, 0], shift.labels[edit, 0],
-                       shift.shift_pos[edit, 0], frozen, jnp.asarray(stage))
+    read = shift.read_pos[edit, 0]
+    return edit_loss(model.params, model.config, hp, problem.prefix[edit],
+                     shift.attention_mask[edit, 0], read, shift.labels[edit, 0][read],
+                     shift.shift_pos[edit, 0], frozen, jnp.asarray(stage))
+
+
+def _read_token_index(batch, edit):
+    """Target index u at each read position of `edit` (−1 on pad slots)."""
+    read = np.asarray(batch.shift.read_pos[edit, 0])
+    return jnp.asarray(np.where(read >= 0, np.asarray(batch.token_index[edit])[read], -1))
+
+
+def test_read_positions_are_every_label_and_nothing_else(tok, model):
+    _, edits, batch = _batch(tok, model)
+    for row, edit in enumerate(edits):
+        read = np.asarray(batch.shift.read_pos[row, 0])
+        labelled = np.flatnonzero(np.asarray(batch.token_index[row]) >= 0)
+        np.testing.assert_array_equal(read[read >= 0], labelled)
+        assert len(labelled) == len(edit.target_ids)
 
 
 def test_vmapped_figure_gradients_equal_a_per_figure_grad_loop(tok, model, hp):
@@ -171,8 +187,8 @@ def test_vmapped_figure_gradients_equal_a_per_figure_grad_loop(tok, model, hp):
     n, d = batch.starts.shape[1], model.config.d_model
     frozen = 0.3 * jax.random.normal(jax.random.PRNGKey(0), (n, d))
     delta = 0.3 * jax.random.normal(jax.random.PRNGKey(1), (d,))
-    nll = _edit_nll(model, hp, batch, problem, 1, frozen, 1)
-    weights = figure_weights(batch.token_index[1], batch.starts[1], batch.ends[1],
+    loss = _edit_loss(model, hp, batch, problem, 1, frozen, 1)
+    weights = figure_weights(_read_token_index(batch, 1), batch.starts[1], batch.ends[1],
                              batch.n_windows[1], jnp.asarray(1))
 
     def wd(x):
@@ -180,10 +196,10 @@ def test_vmapped_figure_gradients_equal_a_per_figure_grad_loop(tok, model, hp):
 
     @jax.jit
     def all_three(x):
-        by_hand = jnp.stack([jax.grad(lambda y, w=w: jnp.dot(w, nll(y)) + wd(y))(x)
+        by_hand = jnp.stack([jax.grad(lambda y, w=w: jnp.dot(w, loss.nll(y)) + wd(y))(x)
                              for w in weights])
-        return (figure_gradients(nll, wd, x, weights, "vmap"),
-                figure_gradients(nll, wd, x, weights, "loop"), by_hand)
+        return (figure_gradients(loss, wd, x, weights, "vmap"),
+                figure_gradients(loss, wd, x, weights, "loop"), by_hand)
 
     vmapped, looped, by_hand = all_three(delta)
     assert float(jnp.abs(by_hand).max()) > 1e-3  # not a vacuous comparison of zeros
@@ -201,15 +217,16 @@ def test_parallel_gradient_splits_as_eq_9(tok, model, hp):
     deltas = 0.5 * jax.random.normal(jax.random.PRNGKey(2), (batch.starts.shape[1],
                                                             model.config.d_model))
     deltas = deltas.at[n:].set(0.0)  # padded windows repeat window 0's position with δ = 0
-    u = jnp.asarray(batch.token_index[row])
+    u = _read_token_index(batch, row)
     starts, ends = jnp.asarray(batch.starts[row]), jnp.asarray(batch.ends[row])
 
     @jax.jit
     def terms(j):
-        nll = _edit_nll(model, hp, batch, problem, row, deltas, j)
+        nll = _edit_loss(model, hp, batch, problem, row, deltas, j).nll
         parallel = jax.grad(lambda x: jnp.sum(jnp.where(u >= 0, nll(x), 0.0)) / m)(deltas[j])
-        causal = _edit_nll(model, hp, batch, problem, row,
-                           jnp.where(jnp.arange(deltas.shape[0])[:, None] > j, 0.0, deltas), j)
+        causal = _edit_loss(model, hp, batch, problem, row,
+                            jnp.where(jnp.arange(deltas.shape[0])[:, None] > j, 0.0, deltas),
+                            j).nll
         window = ((u >= starts[j]) & (u < ends[j])).astype(jnp.float32)
         size = ends[j] - starts[j]
         window_term = size * jax.grad(lambda x: jnp.dot(window, causal(x)) / size)(deltas[j])

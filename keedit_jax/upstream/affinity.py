@@ -5,13 +5,16 @@ For stage i: T_aff Adam steps (lr 0.5, no clamp, from δ = 0) on the first figur
 (Y_i..Y_k) (token-mean NLL of tokens [s_i, e_k) + weight decay) and its cosine with the first
 figure's; a_{i,k} = mean over t. The figure losses are linear in the per-token NLL, so all
 their gradients at one δ come from one forward pass (`jax.vjp`) and one backward pass vmap'd
-over the figures' token weights (DESIGN "Never recompute").
+over the figures' token weights (DESIGN "Never recompute"). The head (final norm, unembedding,
+NLL) acts on each position alone, so its backward runs once: figure k's cotangent at the final
+hidden state is its token weights times the per-token NLL gradient, and only the layers'
+backward is vmap'd (no [K, T, vocab] buffer).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +24,20 @@ from keedit_jax.intervene import Shift, run
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.params import Params
 from keedit_jax.upstream.config import TargetConfig
-from keedit_jax.upstream.loop import log_probs, safe_norm, token_nll
+from keedit_jax.upstream.loop import log_probs, read, safe_norm, token_nll
 
 Array = jax.Array
-NllFn = Callable[[Array], Array]
+
+
+class EditLoss(NamedTuple):
+    """One edit's per-token NLL as layers then head: δ -> final hidden states at the read
+    positions [R, D] (`stack`) -> NLL [R] (`head_nll`, position by position)."""
+
+    stack: Callable[[Array], Array]
+    head_nll: Callable[[Array], Array]
+
+    def nll(self, delta: Array) -> Array:
+        return self.head_nll(self.stack(delta))
 
 
 def figure_weights(token_index: Array, starts: Array, ends: Array, n_windows: Array,
@@ -39,20 +52,21 @@ def figure_weights(token_index: Array, starts: Array, ends: Array, n_windows: Ar
     return jnp.where(inside & valid, 1.0 / size, 0.0)
 
 
-def figure_gradients(nll_fn: NllFn, wd_fn: Callable[[Array], Array], delta: Array,
-                     weights_kt: Array, mode: Literal["vmap", "loop"] = "vmap") -> Array:
-    """[K, D]: ∇_δ (weights_k · nll(δ) + wd(δ)) for every row k of weights_kt.
+def figure_gradients(loss: EditLoss, wd_fn: Callable[[Array], Array], delta: Array,
+                     weights_kr: Array, mode: Literal["vmap", "loop"] = "vmap") -> Array:
+    """[K, D]: ∇_δ (weights_k · nll(δ) + wd(δ)) for every row k of weights_kr.
 
-    "vmap": one forward, one backward vmap'd over the K cotangents; "loop": one
-    forward + backward per figure (the reference's way; less memory).
+    "vmap": one forward, the head's backward once, the layers' backward vmap'd over the K
+    cotangents; "loop": one forward + backward per figure (the reference's way; less memory).
     """
     wd_grad = jax.grad(wd_fn)(delta)
     if mode == "loop":
-        def one(w_t: Array) -> Array:
-            return jax.grad(lambda d: jnp.dot(w_t, nll_fn(d)))(delta)
-        return jax.lax.map(one, weights_kt) + wd_grad
-    _, pullback = jax.vjp(nll_fn, delta)
-    return jax.vmap(lambda w_t: pullback(w_t)[0])(weights_kt) + wd_grad
+        def one(w_r: Array) -> Array:
+            return jax.grad(lambda d: jnp.dot(w_r, loss.nll(d)))(delta)
+        return jax.lax.map(one, weights_kr) + wd_grad
+    top_rd, pullback = jax.vjp(loss.stack, delta)
+    per_token_rd = jax.grad(lambda h: jnp.sum(loss.head_nll(h)))(top_rd)
+    return jax.vmap(lambda w_r: pullback(w_r[:, None] * per_token_rd)[0])(weights_kr) + wd_grad
 
 
 def cosine(a: Array, b_kd: Array) -> Array:
@@ -62,7 +76,7 @@ def cosine(a: Array, b_kd: Array) -> Array:
                      0.0)
 
 
-def affinity_row(nll_fn: NllFn, h_d: Array, weights_kt: Array, stage: Array,
+def affinity_row(loss: EditLoss, h_d: Array, weights_kr: Array, stage: Array,
                  hp: TargetConfig, steps: int, lr: float,
                  mode: Literal["vmap", "loop"] = "vmap") -> Array:
     """a_{stage,·} [N] (muke §3.1 Stage A); a_{stage,stage} = 1, entries outside the figures 1."""
@@ -74,26 +88,30 @@ def affinity_row(nll_fn: NllFn, h_d: Array, weights_kt: Array, stage: Array,
     def step(carry: tuple[Array, optax.OptState], _: None
              ) -> tuple[tuple[Array, optax.OptState], Array]:
         delta, state = carry
-        grads = figure_gradients(nll_fn, wd_fn, delta, weights_kt, mode)
+        grads = figure_gradients(loss, wd_fn, delta, weights_kr, mode)
         query = grads[stage]
         updates, state = optimiser.update(query, state, delta)
         return (optax.apply_updates(delta, updates), state), cosine(query, grads)
 
     delta0 = jnp.zeros(h_d.shape, jnp.float32)
     _, cosines = jax.lax.scan(step, (delta0, optimiser.init(delta0)), None, length=steps)
-    figures = jnp.any(weights_kt != 0, axis=1) & (jnp.arange(weights_kt.shape[0]) != stage)
+    figures = jnp.any(weights_kr != 0, axis=1) & (jnp.arange(weights_kr.shape[0]) != stage)
     return jnp.where(figures, cosines.mean(0), 1.0)
 
 
-def edit_nll_fn(params: Params, cfg: ModelConfig, hp: TargetConfig, prefix_td: Array,
-                mask_t: Array, labels_t: Array, positions_n: Array, frozen_nd: Array,
-                stage: Array) -> NllFn:
-    """δ -> per-token NLL [T] of one edit, δ at window `stage` and frozen_nd at the others,
-    from the cached hidden state entering layer l_WM."""
-    def nll(delta_d: Array) -> Array:
+def edit_loss(params: Params, cfg: ModelConfig, hp: TargetConfig, prefix_td: Array,
+              mask_t: Array, read_r: Array, labels_r: Array, positions_n: Array,
+              frozen_nd: Array, stage: Array) -> EditLoss:
+    """One edit's per-token NLL [R] at its read positions, δ at window `stage` and frozen_nd
+    at the others, from the cached hidden state entering layer l_WM."""
+    def stack(delta_d: Array) -> Array:
         shifts = frozen_nd.at[stage].set(delta_d)
         top, _ = run(params, cfg, attention_mask=mask_t[None], hidden=prefix_td[None],
                      start=hp.layer, stop=hp.v_loss_layer + 1,
                      shifts=(Shift(positions_n[None], shifts[None], hp.layer),))
-        return token_nll(log_probs(params, cfg, top)[0], labels_t)
-    return nll
+        return read(top, read_r[None])[0]
+
+    def head_nll(top_rd: Array) -> Array:
+        return token_nll(log_probs(params, cfg, top_rd), labels_r)
+
+    return EditLoss(stack, head_nll)

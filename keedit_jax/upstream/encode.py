@@ -44,6 +44,10 @@ class ShiftBatch:
     at kl_pos, so an upstream strategy (MEMIT, AnyEdit windows, μKE figures) is a choice of
     weights, not a new loop (DESIGN "One edit, as data"). h = the unshifted layer output at
     shift_pos of sequence 0 sets each shift's clamp radius and weight-decay scale.
+
+    Logits are computed at read_pos only: a nonzero weight or a KL term anywhere else is
+    never read. A CounterFact row reads ~4 of its 32 positions, and the unembedding is the
+    widest matmul of a step (`read_every_position` restores the reference's cost).
     """
 
     tokens: Array  # [E, S, T] int32
@@ -53,6 +57,7 @@ class ShiftBatch:
     weights: Array  # [E, S, T] float32, NLL weight of labels at t (0: not a target)
     kl_pos: Array  # [E, S] int32, where the KL term reads the next-token distribution
     kl_weight: Array  # [E, S] float32, 0 on sequences without a KL term
+    read_pos: Array  # [E, S, R] int32, every position the loss reads (labels, kl_pos), −1 pads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +161,8 @@ def _pack(rows: list[list[_Row]], width: int, pad_id: int) -> ShiftBatch:
            "labels": np.zeros((e, s, width), np.int32),
            "weights": np.zeros((e, s, width), np.float32),
            "kl_pos": np.zeros((e, s), np.int32), "kl_weight": np.zeros((e, s), np.float32)}
+    reads = [[_read_positions(row) for row in per] for per in rows]
+    out["read_pos"] = read_pos_array([r for per in reads for r in per], (e, s), width)
     for i, per in enumerate(rows):
         for j, row in enumerate(per):
             pad = width - len(row.ids)
@@ -167,4 +174,29 @@ def _pack(rows: list[list[_Row]], width: int, pad_id: int) -> ShiftBatch:
             out["weights"][i, j, at] = row.weight
             out["kl_pos"][i, j] = pad + row.lookup
             out["kl_weight"][i, j] = 1.0 if row.kl else 0.0
+            out["read_pos"][i, j] += np.where(out["read_pos"][i, j] >= 0, pad, 0)
     return ShiftBatch(**out)
+
+
+def _read_positions(row: _Row) -> list[int]:
+    """Unpadded positions whose next-token distribution row's loss reads, ascending."""
+    targets = range(row.targets_from, row.targets_from + len(row.targets))
+    return sorted(set(targets) | ({row.lookup} if row.kl else set()))
+
+
+def read_pos_array(positions: Sequence[Sequence[int]], leading: tuple[int, ...],
+                   width: int) -> np.ndarray:
+    """[*leading, R] positions padded with −1, R a power of two (>= 4, <= width) so similar
+    batches share a program."""
+    size = min(width, bucket(max(len(p) for p in positions), 4))
+    out = np.full((len(positions), size), -1, np.int32)
+    for row, p in enumerate(positions):
+        out[row, : len(p)] = p
+    return out.reshape(leading + (size,))
+
+
+def read_every_position(batch: ShiftBatch) -> ShiftBatch:
+    """The batch with logits read at every position: the reference's cost (benchmarks)."""
+    t = batch.tokens.shape[-1]
+    every = np.broadcast_to(np.arange(t, dtype=np.int32), batch.tokens.shape)
+    return dataclasses.replace(batch, read_pos=every)

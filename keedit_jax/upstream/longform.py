@@ -23,7 +23,7 @@ import numpy as np
 
 from keedit_jax.models.generate import bucket
 from keedit_jax.models.tokenizer import encode_prompts, end_of_turn_token
-from keedit_jax.upstream.encode import EncodingError, ShiftBatch
+from keedit_jax.upstream.encode import EncodingError, ShiftBatch, read_pos_array
 from keedit_jax.upstream.windows import CoefficientOrder, Strategy, is_sequential, window_bounds
 
 Array = jax.Array
@@ -177,11 +177,13 @@ def pack_windows(edits: Sequence[EncodedEdit], pad_id: int) -> WindowBatch:
     shift_pos = np.zeros((e, 1, n), np.int32)
     starts = np.zeros((e, n), np.int32)
     ends = np.zeros((e, n), np.int32)
+    reads = []
     for row, edit in enumerate(edits):
         ids = edit.prompt_ids + edit.target_ids[:-1]
         pad = width - len(ids)
         tokens[row, 0, pad:], mask[row, 0, pad:] = ids, 1
         at = pad + len(edit.prompt_ids) - 1 + np.arange(len(edit.target_ids))
+        reads.append(at.tolist())
         labels[row, 0, at] = edit.target_ids
         token_index[row, at] = np.arange(len(edit.target_ids))
         m, k = len(edit.target_ids), len(edit.windows)
@@ -192,7 +194,8 @@ def pack_windows(edits: Sequence[EncodedEdit], pad_id: int) -> WindowBatch:
         shift_pos[row, 0, :k] = positions
     shift = ShiftBatch(tokens=tokens, attention_mask=mask, shift_pos=shift_pos, labels=labels,
                        weights=np.zeros((e, 1, width), np.float32),
-                       kl_pos=np.zeros((e, 1), np.int32), kl_weight=np.zeros((e, 1), np.float32))
+                       kl_pos=np.zeros((e, 1), np.int32), kl_weight=np.zeros((e, 1), np.float32),
+                       read_pos=read_pos_array(reads, (e, 1), width))
     return WindowBatch(shift, token_index, starts, ends,
                        np.asarray([len(x.windows) for x in edits], np.int32),
                        np.asarray([len(x.target_ids) for x in edits], np.int32))

@@ -12,7 +12,8 @@ Reference behaviour kept (anchors §1, muke §2.6):
 - Adam from δ = 0; after each update, projection onto the ball of radius clamp_norm_factor·‖h‖;
 - v_num_grad_steps forward passes, no update after the last one, and a stop (a mask on the
   updates here) once the total loss is below early_stop_loss, checked before the update.
-The layers below l_WM run once (the prefix); each step runs layers [l_WM, v_loss_layer] only.
+The layers below l_WM run once (the prefix); each step runs layers [l_WM, v_loss_layer] only,
+and unembeds only the positions the loss reads (ShiftBatch.read_pos).
 """
 
 from __future__ import annotations
@@ -93,16 +94,27 @@ def log_probs(params: Params, cfg: ModelConfig, h_btd: Array) -> Array:
     return jax.nn.log_softmax(head(params, cfg, h_btd).astype(jnp.float32), axis=-1)
 
 
+def read(x_bt: Array, read_br: Array) -> Array:
+    """x [B, T, ...] at each row's read positions [B, R] (a −1 pad reads position 0)."""
+    return x_bt[jnp.arange(x_bt.shape[0])[:, None], jnp.maximum(read_br, 0)]
+
+
+def read_log_probs(params: Params, cfg: ModelConfig, h_btd: Array, batch: ShiftBatch) -> Array:
+    """Log-probs [E·S, R, V] at the positions the loss reads: the head never sees the rest."""
+    return log_probs(params, cfg, read(h_btd, _flat(batch.read_pos)))
+
+
 def _shift(batch: ShiftBatch, delta_epd: Array, layer: int) -> Shift:
     """Edit e's δ is shared by all its sequences, each at its own positions (anchors §1)."""
     s = batch.tokens.shape[1]
     return Shift(_flat(batch.shift_pos), jnp.repeat(delta_epd, s, axis=0), layer)
 
 
-def _kl_rows(logp_btv: Array, batch: ShiftBatch) -> Array:
-    """[B, V] log-probs read at each sequence's kl_pos."""
-    kl_pos = _flat(batch.kl_pos)
-    return logp_btv[jnp.arange(kl_pos.shape[0]), kl_pos]
+def _kl_rows(logp_brv: Array, batch: ShiftBatch) -> Array:
+    """[B, V] log-probs at each sequence's kl_pos (its slot among the read positions; any
+    slot on sequences without a KL term, whose kl_weight is 0)."""
+    slot = jnp.argmax(_flat(batch.read_pos) == _flat(batch.kl_pos)[:, None], axis=1)
+    return logp_brv[jnp.arange(slot.shape[0]), slot]
 
 
 def token_nll(logp_btv: Array, labels_bt: Array) -> Array:
@@ -116,18 +128,20 @@ def weight_decay(delta_epd: Array, h_epd: Array, trainable_ep: Array, hp: Target
     return hp.v_weight_decay * jnp.sum(jnp.where(trainable_ep, per_shift, 0.0), axis=1)
 
 
-def loss_terms(logp_btv: Array, kl_ref_bv: Array, batch: ShiftBatch, delta_epd: Array,
+def loss_terms(logp_brv: Array, kl_ref_bv: Array, batch: ShiftBatch, delta_epd: Array,
                h_epd: Array, hp: TargetConfig, trainable_ep: Array | None = None) -> LossTerms:
-    """Per-edit loss from the shifted log-probs: Σ w·NLL + kl·KL(p‖p_ref) + wd·‖δ‖/‖h‖².
+    """Per-edit loss from the shifted log-probs at the read positions [E·S, R, V]:
+    Σ w·NLL + kl·KL(p‖p_ref) + wd·‖δ‖/‖h‖².
 
     The weight decay covers the trainable shifts only (frozen earlier shifts are not the
     stage's variables: muke §2.6 `wd(δ_i)`); by default every shift is trainable.
     """
     e, s = batch.tokens.shape[:2]
-    weights = _flat(batch.weights)
-    nll_bt = token_nll(logp_btv, _flat(batch.labels))
-    nll = jnp.where(weights != 0, weights * nll_bt, 0.0).reshape(e, -1).sum(1)
-    logp = _kl_rows(logp_btv, batch)
+    read_br = _flat(batch.read_pos)
+    weights = jnp.where(read_br >= 0, read(_flat(batch.weights), read_br), 0.0)
+    nll_br = token_nll(logp_brv, read(_flat(batch.labels), read_br))
+    nll = jnp.where(weights != 0, weights * nll_br, 0.0).reshape(e, -1).sum(1)
+    logp = _kl_rows(logp_brv, batch)
     kl_b = jnp.sum(jnp.exp(logp) * (logp - kl_ref_bv), axis=-1)
     kl = jnp.sum(batch.kl_weight * kl_b.reshape(e, s), axis=1)
     if trainable_ep is None:
@@ -147,14 +161,15 @@ def prepare(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: TargetConfi
     e, s, t = batch.tokens.shape
     first_etd = caps.block_out[hp.layer].reshape(e, s, t, -1)[:, 0]
     h = jnp.take_along_axis(first_etd, batch.shift_pos[:, 0, :, None], axis=1)
-    kl_ref = _kl_rows(log_probs(params, cfg, top), batch)
+    kl_ref = _kl_rows(read_log_probs(params, cfg, top, batch), batch)
     return Problem(prefix, h.astype(jnp.float32), kl_ref)
 
 
 def shifted_log_probs(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: TargetConfig,
                       problem: Problem, delta_epd: Array, remat: bool) -> Array:
-    """Log-probs [E·S, T, V] at δ: layers [l_WM, v_loss_layer] from the cached prefix, or every
-    layer from the tokens when problem.prefix is None (the uncached reference, for benchmarks)."""
+    """Log-probs [E·S, R, V] at δ and the read positions: layers [l_WM, v_loss_layer] from
+    the cached prefix, or every layer from the tokens when problem.prefix is None (the
+    uncached reference, for benchmarks)."""
     shifts = (_shift(batch, delta_epd, hp.layer),)
     mask = _flat(batch.attention_mask)
     if problem.prefix is None:
@@ -163,7 +178,7 @@ def shifted_log_probs(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: T
     else:
         top, _ = run(params, cfg, attention_mask=mask, hidden=problem.prefix, start=hp.layer,
                      stop=hp.v_loss_layer + 1, shifts=shifts, remat=remat)
-    return log_probs(params, cfg, top)
+    return read_log_probs(params, cfg, top, batch)
 
 
 def _cached_terms(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: TargetConfig,
@@ -182,7 +197,7 @@ def evaluate_shift(params: Params, cfg: ModelConfig, batch: ShiftBatch, delta_ep
     mask = _flat(batch.attention_mask)
     top, _ = run(params, cfg, tokens=_flat(batch.tokens), attention_mask=mask,
                  stop=hp.v_loss_layer + 1, shifts=(_shift(batch, delta_epd, hp.layer),))
-    logp = log_probs(params, cfg, top)
+    logp = read_log_probs(params, cfg, top, batch)
     return loss_terms(logp, problem.kl_ref, batch, delta_epd, problem.h, hp)
 
 

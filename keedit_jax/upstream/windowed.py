@@ -22,7 +22,7 @@ import numpy as np
 
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.params import Params
-from keedit_jax.upstream.affinity import affinity_row, edit_nll_fn, figure_weights
+from keedit_jax.upstream.affinity import affinity_row, edit_loss, figure_weights
 from keedit_jax.upstream.config import TargetConfig
 from keedit_jax.upstream.longform import WindowBatch, WindowConfig
 from keedit_jax.upstream.loop import (
@@ -32,6 +32,7 @@ from keedit_jax.upstream.loop import (
     is_finite,
     optimise_stage,
     prepare,
+    read,
 )
 from keedit_jax.upstream.windows import affinity_lambdas, is_sequential, stage_token_weights
 
@@ -55,21 +56,24 @@ class WindowResult:
 
 
 def _edit_rows(batch: WindowBatch, problem: Problem) -> tuple[Array, ...]:
-    """Per-edit arrays the affinity functions vmap over."""
+    """Per-edit arrays the affinity functions vmap over; labels and target indices at the
+    read positions (−1: a pad slot, outside every figure)."""
     shift = batch.shift
-    return (problem.prefix, shift.attention_mask[:, 0], shift.labels[:, 0],
-            shift.shift_pos[:, 0], problem.h, batch.token_index, batch.starts, batch.ends,
+    read_er = shift.read_pos[:, 0]
+    token_index = jnp.where(read_er >= 0, read(batch.token_index, read_er), -1)
+    return (problem.prefix, shift.attention_mask[:, 0], read_er, read(shift.labels[:, 0], read_er),
+            shift.shift_pos[:, 0], problem.h, token_index, batch.starts, batch.ends,
             batch.n_windows)
 
 
 def _affinity_for(params: Params, cfg: ModelConfig, hp: TargetConfig, wc: WindowConfig,
-                  frozen_nd: Array, stage: Array, prefix: Array, mask: Array, labels: Array,
-                  positions: Array, h: Array, token_index: Array, starts: Array, ends: Array,
-                  n_windows: Array) -> Array:
+                  frozen_nd: Array, stage: Array, prefix: Array, mask: Array, read_r: Array,
+                  labels: Array, positions: Array, h: Array, token_index: Array, starts: Array,
+                  ends: Array, n_windows: Array) -> Array:
     """a_{stage,·} [N] of one edit."""
-    nll_fn = edit_nll_fn(params, cfg, hp, prefix, mask, labels, positions, frozen_nd, stage)
+    loss = edit_loss(params, cfg, hp, prefix, mask, read_r, labels, positions, frozen_nd, stage)
     weights = figure_weights(token_index, starts, ends, n_windows, stage)
-    return affinity_row(nll_fn, h[stage], weights, stage, hp, wc.affinity_steps,
+    return affinity_row(loss, h[stage], weights, stage, hp, wc.affinity_steps,
                         wc.affinity_lr, wc.affinity_gradients)
 
 
@@ -131,7 +135,7 @@ def optimise_windows(params: Params, cfg: ModelConfig, batch: WindowBatch, hp: T
         row = affinity[:, i]
         if wc.uses_affinity and wc.affinity_context == "in_loop":
             row = jax.vmap(partial(_affinity_for, params, cfg, hp, wc),
-                           in_axes=(0, None) + (0,) * 9)(delta, i, *_edit_rows(batch, problem))
+                           in_axes=(0, None) + (0,) * 10)(delta, i, *_edit_rows(batch, problem))
         shift = dataclasses.replace(batch.shift, weights=_stage_weights(wc, batch, i, row))
         trainable = valid & (jnp.arange(n)[None, :] == i)
         result = optimise_stage(params, cfg, shift, hp, stepping, delta, trainable, remat)
