@@ -310,8 +310,9 @@ def report(results: Json) -> str:
     if "endtoend" in results:
         rows = [[name, f"{a['max_abs_diff']:.2e}", f"{a['relative']:.2e}"]
                 for name, a in results["endtoend"]["delta_agreement"].items()]
-        lines += ["End to end, the two paths' δ (max |Δδ|, and over max |δ|):", "",
-                  markdown_table(["upstream step", "max |Δδ|", "relative"], rows), ""]
+        lines += ["End to end, the two paths' δ (largest absolute difference, and that over "
+                  "the largest |δ|):", "",
+                  markdown_table(["upstream step", "max abs Δδ", "relative"], rows), ""]
     if "latency" in results:
         rows = [[r["method"], r["kind"], str(r["batch"]), seconds(r["per_edit_s"]),
                  seconds(r["median_s"]), seconds(r["compile_s_approx"])]
