@@ -35,7 +35,11 @@ partitioner's "Involuntary full rematerialization" warnings are caught per progr
 libtpu logs none to stderr).
 
 Run: python -m benchmarks.parallel_memory [--targets tpu,cpu8,cpu1] [--programs ...]
-     [--dtypes bfloat16,float32] [--quick] [--out DIR]
+     [--dtypes bfloat16,float32] [--quick] [--out DIR] [--merge --note TEXT]
+Without --merge the run replaces DIR's results. With --merge it re-measures only what it is
+asked for: rows of DIR/results.json keyed by (target, mesh, model, dtype, program) are
+replaced by this run's and the others kept; every row names the run that measured it, and
+results.md lists the runs with their dates and notes (why the rows were re-measured).
 """
 
 from __future__ import annotations
@@ -337,10 +341,11 @@ def _remat_count(row: dict[str, Any]) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     headers = ["target", "mesh", "model", "dtype", "program", "arguments GiB", "temp GiB",
-               "total GiB / device", "fits (v5e 15.75 GiB, H200 141 GB)", "full remat ops"]
+               "total GiB / device", "fits (v5e 15.75 GiB, H200 141 GB)", "full remat ops",
+               "run"]
     body = [[r["target"], r["mesh"], r["model"], r["dtype"], r["program"],
              _gib(r.get("argument_bytes")), _temp(r), _gib(r.get("resident_total_bytes")), _fits(r),
-             _remat_count(r)] for r in rows]
+             _remat_count(r), str(r.get("run", ""))] for r in rows]
     return markdown_table(headers, body)
 
 
@@ -387,6 +392,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true",
                         help="cpu8 and cpu1, bfloat16, stats 1k and solve only (~1 min)")
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep OUT's rows this run does not re-measure (key: target, mesh, "
+                             "model, dtype, program); replace those it does")
+    parser.add_argument("--note", default="",
+                        help="why this run was made (recorded with the run in results.md)")
     parser.add_argument("--worker", choices=TARGETS, help=argparse.SUPPRESS)
     parser.add_argument("--worker_out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -413,11 +423,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         machines[target] = {**result["machine"], "wall_s": time.perf_counter() - began}
         log(f"{target}: {machines[target]['wall_s']:.0f} s")
     out = Path(args.out)
+    run = {"date": time.strftime("%Y-%m-%d"), "targets": list(machines),
+           "programs": list(programs), "dtypes": list(dtypes), "note": args.note,
+           "machines": machines}
+    runs: list[dict[str, Any]] = []
+    if args.merge and (out / "results.json").exists():
+        earlier = json.loads((out / "results.json").read_text())
+        rows, runs, machines = merge(earlier, rows, machines)
+    run["run"] = len(runs) + 1
+    runs.append(run)
+    for row in rows:
+        row.setdefault("run", run["run"])
     results = {"machines": machines, "skipped_targets": skipped,
                "limits_bytes": {"v5e": V5E_HBM, "h200": H200_HBM}, "layers": LAYERS,
                "prompt_tokens": PROMPT_TOKENS, "target_tokens": TARGET_TOKENS,
-               "stats_lengths": STATS_LENGTHS, "rows": rows}
+               "stats_lengths": STATS_LENGTHS, "runs": runs, "rows": rows}
+    write_results(out, results)
+    return results
+
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    """results.json and results.md (the runs, the compact table, every row) under `out`."""
     write_json(out / "results.json", results)
+    rows = results["rows"]
     text = compact_table(rows)
     (out / "results.md").write_text(
         "Per-device GiB from XLA's memory_analysis() of each compiled program, parameters "
@@ -427,9 +455,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "counts it; 8-device meshes) or 141 GB (one H200; one device). tpu: libtpu's "
         "ahead-of-time compiler for a v5e 2x4 topology; cpu8 / cpu1: XLA:CPU buffer "
         "assignments of the same sharded programs (estimates).\n\n"
-        f"{text}\n\nEvery row:\n\n{table(rows)}\n")
+        f"{runs_text(results['runs'])}\n\n{text}\n\nEvery row:\n\n{table(rows)}\n")
     log("\n" + text)
-    return results
+
+
+def _key(row: dict[str, Any]) -> tuple[str, ...]:
+    return (row["target"], row["mesh"], row["model"], row["dtype"], row["program"])
+
+
+def merge(earlier: dict[str, Any], rows: list[dict[str, Any]],
+          machines: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                             dict[str, Any]]:
+    """Earlier results with this run's rows in place of the ones they re-measure: (rows in
+    the earlier order, new keys last; the earlier runs; each target's latest machine). A
+    file written before runs were recorded counts as run 1 with its rows."""
+    old = earlier["rows"]
+    runs = earlier.get("runs") or [{
+        "run": 1, "date": None, "targets": list(earlier.get("machines", {})),
+        "programs": list(dict.fromkeys(r["program"] for r in old)),
+        "dtypes": list(dict.fromkeys(r["dtype"] for r in old)),
+        "note": "Recorded before runs were dated.", "machines": earlier.get("machines", {})}]
+    new = {_key(r): r for r in rows}
+    kept = [new.pop(_key(r), None) or {"run": 1, **r} for r in old]
+    return kept + list(new.values()), runs, {**earlier.get("machines", {}), **machines}
+
+
+def runs_text(runs: list[dict[str, Any]]) -> str:
+    """One line per run: its number (the "run" column of every row), date, what and why."""
+    lines = []
+    for run in runs:
+        what = "; ".join(f"{k} {', '.join(run[k])}" for k in ("targets", "programs", "dtypes")
+                         if run.get(k))
+        line = f"- run {run['run']}" + (f" ({run['date']})" if run.get("date") else "")
+        line += f": {what}" if what else ""
+        lines.append(line + (f". {run['note']}" if run.get("note") else ""))
+    return "Runs (each row's `run`):\n\n" + "\n".join(lines)
 
 
 def _has_libtpu() -> bool:
