@@ -467,17 +467,10 @@ def merge(earlier: dict[str, Any], rows: list[dict[str, Any]],
           machines: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
                                              dict[str, Any]]:
     """Earlier results with this run's rows in place of the ones they re-measure: (rows in
-    the earlier order, new keys last; the earlier runs; each target's latest machine). A
-    file written before runs were recorded counts as run 1 with its rows."""
-    old = earlier["rows"]
-    runs = earlier.get("runs") or [{
-        "run": 1, "date": None, "targets": list(earlier.get("machines", {})),
-        "programs": list(dict.fromkeys(r["program"] for r in old)),
-        "dtypes": list(dict.fromkeys(r["dtype"] for r in old)),
-        "note": "Recorded before runs were dated.", "machines": earlier.get("machines", {})}]
+    the earlier order, new keys last; the earlier runs; each target's latest machine)."""
     new = {_key(r): r for r in rows}
-    kept = [new.pop(_key(r), None) or {"run": 1, **r} for r in old]
-    return kept + list(new.values()), runs, {**earlier.get("machines", {}), **machines}
+    kept = [new.pop(_key(r), r) for r in earlier["rows"]]
+    return kept + list(new.values()), earlier["runs"], {**earlier["machines"], **machines}
 
 
 def runs_text(runs: list[dict[str, Any]]) -> str:

@@ -161,8 +161,7 @@ def _pack(rows: list[list[_Row]], width: int, pad_id: int) -> ShiftBatch:
            "labels": np.zeros((e, s, width), np.int32),
            "weights": np.zeros((e, s, width), np.float32),
            "kl_pos": np.zeros((e, s), np.int32), "kl_weight": np.zeros((e, s), np.float32)}
-    reads = [[_read_positions(row) for row in per] for per in rows]
-    out["read_pos"] = read_pos_array([r for per in reads for r in per], (e, s), width)
+    reads = []
     for i, per in enumerate(rows):
         for j, row in enumerate(per):
             pad = width - len(row.ids)
@@ -174,8 +173,8 @@ def _pack(rows: list[list[_Row]], width: int, pad_id: int) -> ShiftBatch:
             out["weights"][i, j, at] = row.weight
             out["kl_pos"][i, j] = pad + row.lookup
             out["kl_weight"][i, j] = 1.0 if row.kl else 0.0
-            out["read_pos"][i, j] += np.where(out["read_pos"][i, j] >= 0, pad, 0)
-    return ShiftBatch(**out)
+            reads.append([pad + p for p in _read_positions(row)])
+    return ShiftBatch(**out, read_pos=read_pos_array(reads, (e, s), width))
 
 
 def _read_positions(row: _Row) -> list[int]:
