@@ -127,9 +127,13 @@ def rows_per_batch(length: int, batch_tokens: int) -> int:
 
 def length_batches(sequences: Iterable[Sequence[int]], *, batch_tokens: int, min_bucket: int,
                    max_length: int) -> Iterator[TokenBatch]:
-    """Group documents by length bucket; emit a bucket when its rows are full, and the
-    partial buckets at the end padded with empty rows (so every batch of a bucket has one
-    shape). Memory holds at most one batch per bucket."""
+    """Group documents by length bucket; emit a bucket when its rows are full. Memory holds
+    at most one batch per bucket, and every batch of a bucket has one shape (one compile).
+
+    At the end, a bucket's leftover documents ride up into the next longer bucket when they
+    fit in one batch of it (the longer rows are padding, which the mask drops), else they
+    form a last batch padded with empty rows: a short pass computes a few partial batches,
+    not one per bucket of mostly empty rows."""
     pools: dict[int, list[Sequence[int]]] = {}
     for ids in sequences:
         if len(ids) > max_length:
@@ -140,9 +144,17 @@ def length_batches(sequences: Iterable[Sequence[int]], *, batch_tokens: int, min
         if len(pool) == rows_per_batch(length, batch_tokens):
             yield pad_left(pool, length, len(pool))
             pools[length] = []
-    for length, pool in sorted(pools.items()):
-        if pool:
-            yield pad_left(pool, length, rows_per_batch(length, batch_tokens))
+    lengths = sorted(pools)
+    leftover: list[Sequence[int]] = []
+    for length, longer in zip(lengths, lengths[1:] + [None], strict=True):
+        pool, rows = leftover + pools[length], rows_per_batch(length, batch_tokens)
+        while len(pool) >= rows:
+            yield pad_left(pool[:rows], length, rows)
+            pool = pool[rows:]
+        if pool and (longer is None or len(pool) > rows_per_batch(longer, batch_tokens)):
+            yield pad_left(pool, length, rows)
+            pool = []
+        leftover = pool
 
 
 def pad_left(sequences: Sequence[Sequence[int]], length: int, rows: int,
