@@ -252,7 +252,7 @@ REAL_TEXTS = (
     LONG * 12,  # over 500 tokens: truncated to 256
     "x",
 )
-REAL_ATOL = 1e-5  # measured: 2.1e-7 on embeddings, 4.8e-7 on cosines (fp32, CPU)
+REAL_ATOL = 1e-5  # measured: 2.1e-7 on embeddings, 6.0e-7 on cosines (fp32, CPU)
 
 
 @pytest.fixture(scope="module")
