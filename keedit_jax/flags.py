@@ -21,6 +21,8 @@ DATASET_FORMATS = ("auto", "counterfact", "zsre", "unkebench", "akew_counterfact
                    "akew_mquake", "editeverything", "hallucination")
 ORGANISM_PREFIX = "organism:"
 ORGANISM_SIZES = ("tiny", "small", "medium")  # keedit_jax.organism.ORGANISM_SIZES, kept light
+STATS_SOURCE_NAMES = ("wikipedia-vital",)  # keedit_jax.stats.SOURCE_NAMES, kept light
+SENTENCE_ENCODER_NAMES = ("auto", "all-minilm-l6-v2", "none", "")  # sentence_encoder.ENCODER_NAMES
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -128,12 +130,10 @@ class StructuredFlags:
             raise ValueError(f"--layers={self.layers!r} must be increasing and distinct")
         if self.fact_token not in ("subject_last", "last"):
             raise ValueError(f"--fact_token={self.fact_token!r}: subject_last or last")
-        from keedit_jax.stats import SOURCE_NAMES  # noqa: PLC0415
-
-        if (self.stats_source and self.stats_source not in SOURCE_NAMES
+        if (self.stats_source and self.stats_source not in STATS_SOURCE_NAMES
                 and not Path(self.stats_source).is_file()):
             raise FileNotFoundError(f"--stats_source={self.stats_source}: no such file nor one "
-                                    f"of {', '.join(SOURCE_NAMES)}")
+                                    f"of {', '.join(STATS_SOURCE_NAMES)}")
         if bool(self.attribute_snippets) != bool(self.tfidf_dir):
             raise ValueError("consistency needs both --attribute_snippets and --tfidf_dir")
         for name in ("attribute_snippets", "tfidf_dir"):
@@ -199,13 +199,12 @@ class LongFormFlags:
                      affinity_context=self.affinity_context,
                      affinity_steps=self.affinity_steps,
                      affinity_gradients=self.affinity_gradients)
-        from keedit_jax.eval.sentence_encoder import ENCODER_NAMES  # noqa: PLC0415
-
         if self.alpaca and not Path(self.alpaca).exists():
             raise FileNotFoundError(f"--alpaca={self.alpaca}: no such path")
-        if self.sentence_encoder not in ENCODER_NAMES and not Path(self.sentence_encoder).is_dir():
+        names = SENTENCE_ENCODER_NAMES
+        if self.sentence_encoder not in names and not Path(self.sentence_encoder).is_dir():
             raise FileNotFoundError(f"--sentence_encoder={self.sentence_encoder}: not a directory "
-                                    f"nor one of {', '.join(n for n in ENCODER_NAMES if n)}")
+                                    f"nor one of {', '.join(n for n in names if n)}")
         if self.preservation_samples < 1:
             raise ValueError("--preservation_samples must be >= 1")
 
