@@ -39,6 +39,7 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HF_LEAF_NAME = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+GGUF_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "q8_0": "Q8_0"}
 # Files copied next to an exported checkpoint so that it is complete (tokenizer, generation).
 _SIDECAR_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "chat_template.jinja", "tokenizer.model",
@@ -309,17 +310,27 @@ def hf_tensors(cfg: ModelConfig, params: Params, dtype: str) -> dict[str, np.nda
 def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Params,
                hf_config: dict[str, Any], *, dtype: str = "float32",
                max_shard_bytes: int | None = None, copy_from: str | os.PathLike | None = None,
-               overwrite: bool = False) -> Path:
-    """Write an HF checkpoint (config.json + safetensors, sharded above `max_shard_bytes`).
+               overwrite: bool = False, format: str = "safetensors") -> Path:
+    """Write an HF checkpoint (config.json + safetensors, sharded above `max_shard_bytes`),
+    or with format="gguf" one GGUF file at `directory` that llama.cpp runs (dtype float32,
+    float16, bfloat16 or q8_0; metadata and tokenizer from `copy_from`, see gguf.write_gguf).
 
-    The directory appears complete or not at all: files are written to a sibling temporary
-    directory that is renamed into place. `copy_from` copies tokenizer/generation files.
+    The output appears complete or not at all: it is written beside its target and renamed
+    into place. `copy_from` copies tokenizer/generation files.
     """
-    if dtype not in _NP_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_NP_DTYPES)}, not {dtype!r}")
     target = Path(directory)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+    if format == "gguf":
+        if dtype not in GGUF_TYPES:
+            raise ValueError(f"GGUF dtype must be one of {sorted(GGUF_TYPES)}, not {dtype!r}")
+        gguf.check_exportable(cfg)
+        return gguf.write_gguf(target, cfg, hf_tensors(cfg, params, "float32"),
+                               tensor_type=GGUF_TYPES[dtype], source=copy_from)
+    if format != "safetensors":
+        raise ValueError(f"format must be safetensors or gguf, not {format!r}")
+    if dtype not in _NP_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_NP_DTYPES)}, not {dtype!r}")
     with staged_directory(target) as staging:
         _write_tensors(staging, hf_tensors(cfg, params, dtype), max_shard_bytes)
         config = {**hf_config, "dtype": dtype}

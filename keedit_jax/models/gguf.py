@@ -29,6 +29,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from keedit_jax.files import staged_directory
+from keedit_jax.models.config import ConfigError, ModelConfig
 
 if TYPE_CHECKING:
     import gguf
@@ -256,14 +257,14 @@ def _hf_name(name: str) -> str | None:
     return None
 
 
-def _rope_heads(hf_config: Mapping[str, Any], hf_name: str) -> int | None:
-    """The head count whose rows ggml reordered in this tensor, or None if not reordered."""
-    if not _ROPE_ROWS_REORDERED[hf_config["model_type"]]:
+def _rope_heads(model_type: str, n_heads: int, n_kv_heads: int, hf_name: str) -> int | None:
+    """The head count whose rows ggml reorders in this tensor, or None if not reordered."""
+    if not _ROPE_ROWS_REORDERED[model_type]:
         return None
     if ".self_attn.q_proj." in hf_name:
-        return int(hf_config["num_attention_heads"])
+        return n_heads
     if ".self_attn.k_proj." in hf_name:
-        return int(hf_config["num_key_value_heads"])
+        return n_kv_heads
     return None
 
 
@@ -285,7 +286,8 @@ def hf_tensors_from_gguf(reader: gguf.GGUFReader, hf_config: Mapping[str, Any],
             continue
         value = np.asarray(value, np.float32).reshape(tuple(int(d) for d in
                                                             reversed(tensor.shape)))
-        heads = _rope_heads(hf_config, hf_name)
+        heads = _rope_heads(hf_config["model_type"], int(hf_config["num_attention_heads"]),
+                            int(hf_config["num_key_value_heads"]), hf_name)
         tensors[hf_name] = np.ascontiguousarray(
             value if heads is None else _from_ggml_rows(value, heads))
     if errors:
@@ -304,6 +306,23 @@ def _save_tokenizer(source: Path, metadata: Mapping[str, Any], directory: Path) 
     if metadata.get("tokenizer.ggml.pre") == "smollm":
         _split_digits(tokenizer)
     tokenizer.save_pretrained(str(directory))
+    _drop_tokens_beyond(directory, len(metadata["tokenizer.ggml.tokens"]))
+
+
+def _drop_tokens_beyond(directory: Path, n_tokens: int) -> None:
+    """Remove tokens that transformers adds past the file's vocabulary (its GPT-2 default
+    `<|endoftext|>` when the file has none): their ids would overflow the embedding."""
+    file = directory / "tokenizer.json"
+    data = json.loads(file.read_text())
+    dropped = {t["content"] for t in data["added_tokens"] if t["id"] >= n_tokens}
+    if not dropped:
+        return
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < n_tokens]
+    file.write_text(json.dumps(data, ensure_ascii=False))
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.update({k: None for k, v in config.items() if isinstance(v, str) and v in dropped})
+    config_file.write_text(json.dumps(config, indent=2))
 
 
 def _split_digits(tokenizer: Any) -> None:
@@ -336,3 +355,159 @@ def _copy_fields(reader: gguf.GGUFReader, writer: gguf.GGUFWriter,
         kind = field.types[0]
         sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(name, field.contents(), kind, sub_type=sub_type)
+
+
+def _ggml_name(hf_name: str) -> str:
+    """llama.cpp's name of an HF tensor (the reading table run backwards)."""
+    for ggml, hf in _GLOBAL_TENSORS.items():
+        if hf == hf_name:
+            return ggml
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
+    for ggml, hf in _LAYER_TENSORS.items():
+        if match and hf == match.group(2):
+            return f"blk.{match.group(1)}.{ggml}"
+    raise GGUFError(f"tensor {hf_name!r} has no llama.cpp name; GGUF export covers the "
+                    "llama and qwen2 model types")
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """Refuse, before any work, a model that llama.cpp would compute differently."""
+    problems = []
+    if cfg.model_type not in _ROPE_ROWS_REORDERED:
+        problems.append(f"model_type {cfg.model_type!r} (supported: llama, qwen2)")
+    if cfg.sliding_window is not None:
+        problems.append(f"sliding_window={cfg.sliding_window}")
+    if cfg.mlp_bias:
+        problems.append("mlp_bias")
+    if cfg.rope is not None and cfg.rope.scaling == "llama3":
+        problems.append("llama3 RoPE scaling (llama.cpp stores it as a rope_freqs tensor)")
+    if problems:
+        raise ConfigError(f"GGUF export of this model is not implemented: {', '.join(problems)}")
+
+
+def write_gguf(file: str | os.PathLike, cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
+               *, tensor_type: str = "F16", embedding_type: str | None = None,
+               source: str | os.PathLike | None = None) -> Path:
+    """Write HF-named float tensors as a GGUF file that llama.cpp runs, atomically.
+
+    Matrices get `tensor_type` (the token embedding `embedding_type`, default the same) and
+    1-D tensors F32, as llama.cpp's converter does; a matrix whose rows do not divide into
+    the type's blocks is written F16. The metadata is the GGUF source's (`source` is a
+    cached conversion with METADATA_FILE), else written from `cfg` and the HF tokenizer in
+    `source`.
+    """
+    gguf = _gguf()
+    check_exportable(cfg)
+    kinds = {name: gguf.GGMLQuantizationType[name] for name in {tensor_type, embedding_type}
+             if name is not None and name in gguf.GGMLQuantizationType.__members__}
+    if tensor_type not in kinds or (embedding_type or tensor_type) not in kinds:
+        raise ValueError(f"GGUF tensor type {tensor_type!r}/{embedding_type!r} is unknown; "
+                         f"export types: {', '.join(EXPORT_TYPES)}")
+    target = Path(file)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    writer = gguf.GGUFWriter(str(temporary), cfg.model_type)  # the GGUF arch of the same name
+    try:
+        metadata = Path(source) / METADATA_FILE if source else None
+        if metadata is not None and metadata.is_file():
+            _copy_fields(gguf.GGUFReader(metadata), writer,
+                         skip=("general.architecture", "general.file_type"))
+        else:
+            _write_arch_keys(writer, cfg)
+            _write_tokenizer_keys(writer, Path(source) if source else None, cfg)
+        writer.add_file_type(_file_type(gguf, tensor_type))
+        for hf_name, value in tensors.items():
+            name = _ggml_name(hf_name)
+            heads = _rope_heads(cfg.model_type, cfg.n_heads, cfg.n_kv_heads, hf_name)
+            value = np.asarray(value, np.float32)
+            value = value if heads is None else _to_ggml_rows(value, heads)
+            kind = kinds[embedding_type or tensor_type] if name == "token_embd.weight" \
+                else kinds[tensor_type]
+            _add_tensor(gguf, writer, name, value, kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(temporary, target)
+    except BaseException:
+        writer.close()
+        temporary.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _file_type(gguf: Any, tensor_type: str) -> int:
+    return {"F32": gguf.LlamaFileType.ALL_F32}.get(
+        tensor_type, gguf.LlamaFileType.__members__.get(f"MOSTLY_{tensor_type}", 0))
+
+
+def _add_tensor(gguf: Any, writer: Any, name: str, value: np.ndarray, kind: Any) -> None:
+    types = gguf.GGMLQuantizationType
+    block = gguf.GGML_QUANT_SIZES[kind][0]
+    if value.ndim == 1 or kind == types.F32:
+        writer.add_tensor(name, np.ascontiguousarray(value, np.float32))
+    elif kind == types.F16 or value.shape[-1] % block:
+        writer.add_tensor(name, np.ascontiguousarray(value, np.float16))
+    else:
+        writer.add_tensor(name, gguf.quants.quantize(value, kind), raw_dtype=kind)
+
+
+def _write_arch_keys(writer: Any, cfg: ModelConfig) -> None:
+    """The `{arch}.*` keys llama.cpp reads (the writer adds the prefix), from our config."""
+    writer.add_block_count(cfg.n_layers)
+    writer.add_context_length(cfg.max_positions)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_feed_forward_length(cfg.d_ff)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    if cfg.rope is not None:
+        writer.add_rope_freq_base(cfg.rope.theta)
+        if cfg.rope.scaling == "linear":
+            writer.add_rope_scaling_type(_gguf().RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(cfg.rope.factor)
+
+
+def _write_tokenizer_keys(writer: Any, directory: Path | None, cfg: ModelConfig) -> None:
+    """llama.cpp's "gpt2" (byte-level BPE) tokenizer keys from an HF tokenizer.json."""
+    file = directory / "tokenizer.json" if directory else None
+    if file is None or not file.is_file():
+        raise GGUFError(f"GGUF export needs the model's tokenizer: no tokenizer.json in "
+                        f"{directory}")
+    data = json.loads(file.read_text())
+    model = data.get("model", {})
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(data.get("pre_tokenizer")):
+        raise GGUFError(f"{file}: only byte-level BPE tokenizers are exported to GGUF "
+                        f"(this one is {model.get('type')!r})")
+    from transformers import AutoTokenizer  # noqa: PLC0415 (slow import)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    vocab = tokenizer.get_vocab()
+    tokens = [""] * max(len(vocab), cfg.vocab_size)
+    for token, index in vocab.items():
+        tokens[index] = token
+    special = {t["id"]: t for t in data.get("added_tokens", [])}
+    types = [(_TOKEN_TYPE_CONTROL if special[i].get("special") else _TOKEN_TYPE_USER_DEFINED)
+             if i in special else 1 for i in range(len(tokens))]
+    for index, token in enumerate(tokens):
+        if not token:  # embedding rows with no token: padding, as llama.cpp names them
+            tokens[index], types[index] = f"[PAD{index}]", 5
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for name, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                      ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id)):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if token_id is not None:
+            add(int(token_id))
+    bos = tokenizer.bos_token_id
+    writer.add_add_bos_token(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
