@@ -87,6 +87,18 @@ class RunFlags:
     seed: int = dataclasses.field(default=0, metadata={"help": "Seed of every PRNG key."})
     max_new_tokens: int = dataclasses.field(default=32, metadata={
         "help": "Generation length of the evaluation."})
+    export_gguf: str = dataclasses.field(default="", metadata={
+        "help": "Also write the edited model to this .gguf file (llama.cpp), with the source "
+                "model's metadata and tokenizer."})
+    export_gguf_dtype: str = dataclasses.field(default="float16", metadata={
+        "help": f"Matrix type of --export_gguf: one of {', '.join(gguf.GGUF_TYPES)}."})
+
+    def __post_init__(self) -> None:
+        if self.export_gguf and not self.export_gguf.endswith(gguf.GGUF_SUFFIX):
+            raise ValueError(f"--export_gguf={self.export_gguf}: the file must end in .gguf")
+        if self.export_gguf_dtype not in gguf.GGUF_TYPES:
+            raise ValueError(f"--export_gguf_dtype={self.export_gguf_dtype!r}: one of "
+                             f"{', '.join(gguf.GGUF_TYPES)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -62,6 +62,8 @@ def main(argv: list[str]) -> None:
         method = get_method(edit.method)
         check_method_flags(configs)
         output = run_flags.check_writable(run.output_dir)
+        if run.export_gguf:
+            run_flags.check_writable(Path(run.export_gguf).parent)
         devices = configs["ParallelFlags"]
         layout = parallel.start(devices.mesh_config(),
                                 devices.distributed_config() if devices.distributed else None)
@@ -71,8 +73,10 @@ def main(argv: list[str]) -> None:
     started = time.perf_counter()
     try:
         checkpoint = resolve_model(model)
-        parallel.check_mesh(config_from_hf(read_hf_config(checkpoint),
-                                           str(checkpoint / "config.json")), layout.mesh.shape)
+        cfg = config_from_hf(read_hf_config(checkpoint), str(checkpoint / "config.json"))
+        parallel.check_mesh(cfg, layout.mesh.shape)
+        if run.export_gguf:  # refused now, not after the edits
+            gguf.check_exportable(cfg)
         with parallel.use_mesh(layout):
             results = method(checkpoint=checkpoint, configs=configs)
     except USER_ERRORS as err:  # bad input: one clear line, no traceback

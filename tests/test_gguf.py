@@ -298,3 +298,51 @@ def test_smollm2_matches_transformers_and_knows_paris(monkeypatch):
     np.testing.assert_allclose(ours, theirs, atol=1e-3)  # measured 1.6e-4 at |logit| 27.4
     assert tokenizer.decode([int(ours[0, -1].argmax())]) == " Paris"
     assert tokenizer.eos_token == "<|im_end|>" and "<|im_start|>" in tokenizer.chat_template
+
+
+@pytest.mark.slow  # ~90 s on 2 loaded cores: a whole sequential run in a subprocess
+def test_cli_edits_a_gguf_model_and_exports_it(llama_source, tmp_path):
+    """--model=file.gguf through a sequential MEMIT run; --export_gguf writes the edited model,
+    which transformers reads with the edit in it."""
+    from tests.test_main import run_main
+    from tests.test_sequential_run import counterfact, stream_args
+
+    source = write(llama_source, tmp_path / "tiny.gguf", "F32")
+    texts = tmp_path / "texts.jsonl"
+    sentences = ["The quick brown fox jumps over the lazy dog.",
+                 "Tokyo is the capital of Japan, and Berlin is the capital of Germany.",
+                 "Marie Curie was a physicist and chemist who won two Nobel Prizes."]
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in sentences * 4))
+    inputs = {"model": source, "dataset": counterfact(tmp_path / "cf.json"), "texts": texts}
+    out, exported = tmp_path / "out", tmp_path / "export" / "edited.gguf"
+    result = run_main(*stream_args(inputs, out, "--num_edits=4", "--v_num_grad_steps=8"),
+                      f"--export_gguf={exported}", "--export_gguf_dtype=float32",
+                      cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    tokens = _tokens()
+    ours = our_logits(load_model(exported), tokens)
+    np.testing.assert_allclose(ours, torch_logits(transformers_gguf(exported), tokens),
+                               atol=LOGITS_ATOL)
+    assert np.abs(ours - our_logits(load_model(source), tokens)).max() > 1e-4  # edited
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    ("--export_gguf=edited.bin", "must end in .gguf"),
+    ("--export_gguf_dtype=q4_1", "--export_gguf_dtype"),
+    ("--model=missing.gguf", "missing.gguf does not exist"),
+])
+def test_cli_refuses_bad_gguf_flags(tmp_path, flag, message):
+    from tests.test_main import assert_clean_error, run_main
+
+    assert_clean_error(run_main("--method=memit", flag, cache=tmp_path), message)
+
+
+def test_cli_refuses_an_export_llama_cpp_cannot_run_before_editing(tiny_checkpoint, tmp_path):
+    from tests.test_main import assert_clean_error, run_main
+
+    out = tmp_path / "out"
+    result = run_main(f"--model={tiny_checkpoint('llama')}", "--method=memit",
+                      f"--export_gguf={tmp_path / 'x.gguf'}", f"--output_dir={out}",
+                      cache=tmp_path)
+    assert_clean_error(result, "llama3 RoPE scaling")
+    assert not (out / "results.json").exists()

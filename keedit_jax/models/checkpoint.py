@@ -39,7 +39,6 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HF_LEAF_NAME = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-GGUF_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "q8_0": "Q8_0"}
 # Files copied next to an exported checkpoint so that it is complete (tokenizer, generation).
 _SIDECAR_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "chat_template.jinja", "tokenizer.model",
@@ -322,11 +321,7 @@ def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Params,
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
     if format == "gguf":
-        if dtype not in GGUF_TYPES:
-            raise ValueError(f"GGUF dtype must be one of {sorted(GGUF_TYPES)}, not {dtype!r}")
-        gguf.check_exportable(cfg)
-        return gguf.write_gguf(target, cfg, hf_tensors(cfg, params, "float32"),
-                               tensor_type=GGUF_TYPES[dtype], source=copy_from)
+        return export_gguf(target, cfg, params, dtype=dtype, source=copy_from)
     if format != "safetensors":
         raise ValueError(f"format must be safetensors or gguf, not {format!r}")
     if dtype not in _NP_DTYPES:
@@ -341,6 +336,17 @@ def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Params,
             if source.exists():
                 shutil.copy2(source, staging / name)
     return target
+
+
+def export_gguf(file: str | os.PathLike, cfg: ModelConfig, params: Params, *,
+                dtype: str = "float16", source: str | os.PathLike | None = None) -> Path:
+    """The (edited) model as one GGUF file for llama.cpp: dtype float32, float16, bfloat16 or
+    q8_0; metadata and tokenizer from the checkpoint directory `source` (gguf.write_gguf)."""
+    if dtype not in gguf.GGUF_TYPES:
+        raise ValueError(f"GGUF dtype must be one of {sorted(gguf.GGUF_TYPES)}, not {dtype!r}")
+    gguf.check_exportable(cfg)
+    return gguf.write_gguf(file, cfg, hf_tensors(cfg, params, "float32"),
+                           tensor_type=gguf.GGUF_TYPES[dtype], source=source)
 
 
 def _write_tensors(directory: Path, tensors: dict[str, np.ndarray],

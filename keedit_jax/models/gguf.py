@@ -39,7 +39,8 @@ METADATA_FILE = "gguf_metadata.gguf"  # the source file's key-value metadata, no
 SOURCE_FILE = "gguf_source.json"
 CONVERSION_VERSION = 1
 REAL_EXTRA = "pip install -e '.[real]'"
-EXPORT_TYPES = ("F32", "F16", "Q8_0")
+# save_model's dtype names -> the GGUF tensor type of the exported matrices.
+GGUF_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "q8_0": "Q8_0"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,7 +403,7 @@ def write_gguf(file: str | os.PathLike, cfg: ModelConfig, tensors: Mapping[str, 
              if name is not None and name in gguf.GGMLQuantizationType.__members__}
     if tensor_type not in kinds or (embedding_type or tensor_type) not in kinds:
         raise ValueError(f"GGUF tensor type {tensor_type!r}/{embedding_type!r} is unknown; "
-                         f"export types: {', '.join(EXPORT_TYPES)}")
+                         f"export types: {', '.join(GGUF_TYPES.values())}")
     target = Path(file)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp")
