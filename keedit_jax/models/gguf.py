@@ -29,7 +29,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from keedit_jax.files import staged_directory
-from keedit_jax.models.config import ConfigError, ModelConfig
+from keedit_jax.models.config import ConfigError, ModelConfig, RopeConfig
 
 if TYPE_CHECKING:
     import gguf
@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 GGUF_SUFFIX = ".gguf"
 METADATA_FILE = "gguf_metadata.gguf"  # the source file's key-value metadata, no tensors
 SOURCE_FILE = "gguf_source.json"
-CONVERSION_VERSION = 1
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's Llama-3 RoPE scaling, as per-frequency divisors
+CONVERSION_VERSION = 2
 REAL_EXTRA = "pip install -e '.[real]'"
 # save_model's dtype names -> the GGUF tensor type of the exported matrices.
 GGUF_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "q8_0": "Q8_0"}
@@ -147,7 +148,11 @@ def convert(source: Path, target: Path) -> Path:
     except (OSError, ValueError) as err:
         raise GGUFError(f"{source}: not a readable GGUF file ({err})") from err
     metadata = read_metadata(reader)
-    hf_config = hf_config_from_gguf(metadata, {t.name for t in reader.tensors}, str(source))
+    rope = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    factors = None if rope is None else np.asarray(
+        gguf.quants.dequantize(rope.data, rope.tensor_type), np.float32).reshape(-1)
+    hf_config = hf_config_from_gguf(metadata, {t.name for t in reader.tensors}, str(source),
+                                    rope_factors=factors)
     tensors = hf_tensors_from_gguf(reader, hf_config, str(source))
     with staged_directory(target, tag="converting") as staging:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
@@ -169,9 +174,10 @@ def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
             if not name.startswith("GGUF.")}
 
 
-def hf_config_from_gguf(metadata: Mapping[str, Any], tensor_names: set[str],
-                        source: str) -> dict[str, Any]:
-    """config.json of the model: `{arch}.*` keys mapped, unknown computation keys refused."""
+def hf_config_from_gguf(metadata: Mapping[str, Any], tensor_names: set[str], source: str,
+                        rope_factors: np.ndarray | None = None) -> dict[str, Any]:
+    """config.json of the model: `{arch}.*` keys mapped, unknown computation keys refused;
+    `rope_factors` is the ROPE_FREQS tensor when the file has one."""
     arch = metadata.get("general.architecture")
     if arch not in _ARCHITECTURES:
         raise GGUFError(f"{source}: general.architecture={arch!r} is not supported "
@@ -200,9 +206,6 @@ def hf_config_from_gguf(metadata: Mapping[str, Any], tensor_names: set[str],
     if int(get("rope.dimension_count", head_dim)) != head_dim:
         raise GGUFError(f"{source}: {arch}.rope.dimension_count="
                         f"{get('rope.dimension_count')} (partial rotary) is not implemented")
-    if "rope_freqs.weight" in tensor_names:
-        raise GGUFError(f"{source}: tensor rope_freqs.weight (per-frequency RoPE factors, as "
-                        "llama.cpp stores Llama-3.1 scaling) is not implemented")
     tokens = metadata.get("tokenizer.ggml.tokens")
     model_type = _ARCHITECTURES[arch]
     config: dict[str, Any] = {
@@ -218,6 +221,10 @@ def hf_config_from_gguf(metadata: Mapping[str, Any], tensor_names: set[str],
         "rope_scaling": _rope_scaling(metadata, arch, source), "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in tensor_names,
     }
+    if ROPE_FREQS in tensor_names:
+        if rope_factors is None:
+            raise GGUFError(f"{source}: tensor {ROPE_FREQS} present but not given")
+        config["rope_scaling"] = _llama3_scaling(rope_factors, config, metadata, source)
     if model_type == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
     for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
@@ -235,6 +242,32 @@ def _rope_scaling(metadata: Mapping[str, Any], arch: str, source: str) -> dict |
         raise GGUFError(f"{source}: {arch}.rope.scaling.type={kind!r} is not implemented "
                         "(supported: none, linear)")
     return {"rope_type": "linear", "factor": float(metadata[f"{arch}.rope.scaling.factor"])}
+
+
+def rope_factors(rope: RopeConfig) -> np.ndarray:
+    """llama.cpp's per-frequency divisors of the inverse frequencies (its ROPE_FREQS)."""
+    base = dataclasses.replace(rope, scaling="default").inverse_frequencies()
+    return (base / rope.inverse_frequencies()).astype(np.float32)
+
+
+def _llama3_scaling(factors: np.ndarray, config: Mapping[str, Any],
+                    metadata: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The Llama-3.1 rope_scaling whose divisors are `factors` (llama.cpp stores the divisors,
+    not the rule): factor = the largest divisor, low/high frequency factors 1 and 4 as every
+    Llama-3.x checkpoint has; anything else is refused."""
+    arch = metadata["general.architecture"]
+    scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": int(
+                   metadata.get(f"{arch}.rope.scaling.original_context_length", 8192))}
+    rope = RopeConfig(theta=config["rope_theta"], rotary_dim=config["head_dim"], style="half",
+                      scaling="llama3", factor=scaling["factor"], low_freq_factor=1.0,
+                      high_freq_factor=4.0,
+                      original_max_positions=scaling["original_max_position_embeddings"])
+    if factors.shape != (config["head_dim"] // 2,) or not np.allclose(
+            factors, rope_factors(rope), rtol=1e-4):
+        raise GGUFError(f"{source}: tensor {ROPE_FREQS} is not Llama-3 RoPE scaling "
+                        f"{scaling}; other per-frequency factors are not implemented")
+    return scaling
 
 
 def _from_ggml_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -276,6 +309,8 @@ def hf_tensors_from_gguf(reader: gguf.GGUFReader, hf_config: Mapping[str, Any],
     tensors, errors = {}, []
     for tensor in reader.tensors:
         hf_name = _hf_name(tensor.name)
+        if tensor.name == ROPE_FREQS:  # read into the config (hf_config_from_gguf)
+            continue
         if hf_name is None:
             errors.append(f"unexpected tensor {tensor.name!r}")
             continue
@@ -380,8 +415,6 @@ def check_exportable(cfg: ModelConfig) -> None:
         problems.append(f"sliding_window={cfg.sliding_window}")
     if cfg.mlp_bias:
         problems.append("mlp_bias")
-    if cfg.rope is not None and cfg.rope.scaling == "llama3":
-        problems.append("llama3 RoPE scaling (llama.cpp stores it as a rope_freqs tensor)")
     if problems:
         raise ConfigError(f"GGUF export of this model is not implemented: {', '.join(problems)}")
 
@@ -417,6 +450,8 @@ def write_gguf(file: str | os.PathLike, cfg: ModelConfig, tensors: Mapping[str, 
             _write_arch_keys(writer, cfg)
             _write_tokenizer_keys(writer, Path(source) if source else None, cfg)
         writer.add_file_type(_file_type(gguf, tensor_type))
+        if cfg.rope is not None and cfg.rope.scaling == "llama3":
+            writer.add_tensor(ROPE_FREQS, rope_factors(cfg.rope))
         for hf_name, value in tensors.items():
             name = _ggml_name(hf_name)
             heads = _rope_heads(cfg.model_type, cfg.n_heads, cfg.n_kv_heads, hf_name)
@@ -471,6 +506,8 @@ def _write_arch_keys(writer: Any, cfg: ModelConfig) -> None:
         if cfg.rope.scaling == "linear":
             writer.add_rope_scaling_type(_gguf().RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(cfg.rope.factor)
+        if cfg.rope.scaling == "llama3":  # the rule itself is the ROPE_FREQS tensor
+            writer.add_rope_scaling_orig_ctx_len(cfg.rope.original_max_positions)
 
 
 def _write_tokenizer_keys(writer: Any, directory: Path | None, cfg: ModelConfig) -> None:
