@@ -21,11 +21,13 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from absl import logging
 from safetensors.numpy import save_file
 
 from keedit_jax.files import staged_directory
@@ -136,6 +138,10 @@ def hf_directory(name: str | os.PathLike, cache_dir: str | os.PathLike | None = 
         return target
     with _locked(target.parent / f".{target.name}.lock"):
         if not (target / SOURCE_FILE).is_file():  # another process converted it meanwhile
+            for stale in target.parent.glob(f".{target.name}.converting.*"):  # a killed run's
+                shutil.rmtree(stale, ignore_errors=True)
+            logging.info("converting %s into %s (once; later runs read the cache)", source,
+                         target)
             convert(source, target)
     return target
 
