@@ -14,8 +14,6 @@ from typing import Any, get_type_hints
 
 from absl import flags
 
-from keedit_jax.models import gguf
-
 # Every method of the library (keedit_jax.methods.REGISTRY runs each).
 METHODS = ("memit", "alphaedit", "unke", "anyedit", "anyedit_star", "muke", "muke_star",
            "memit_seq", "alphaedit_aligned", "memorize_latest", "lyaplock", "metake")
@@ -37,6 +35,8 @@ class ModelFlags:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--dtype must be float32 or bfloat16, not {self.dtype!r}")
+        from keedit_jax.models import gguf  # noqa: PLC0415 (flags stay light to import)
+
         if gguf.is_gguf(self.model):
             gguf.resolve_gguf(self.model)  # a missing file or package fails before any work
         if self.model.startswith(ORGANISM_PREFIX):
@@ -91,9 +91,11 @@ class RunFlags:
         "help": "Also write the edited model to this .gguf file (llama.cpp), with the source "
                 "model's metadata and tokenizer."})
     export_gguf_dtype: str = dataclasses.field(default="float16", metadata={
-        "help": f"Matrix type of --export_gguf: one of {', '.join(gguf.GGUF_TYPES)}."})
+        "help": "Matrix type of --export_gguf: float32, float16, bfloat16 or q8_0."})
 
     def __post_init__(self) -> None:
+        from keedit_jax.models import gguf  # noqa: PLC0415 (flags stay light to import)
+
         if self.export_gguf and not self.export_gguf.endswith(gguf.GGUF_SUFFIX):
             raise ValueError(f"--export_gguf={self.export_gguf}: the file must end in .gguf")
         if self.export_gguf_dtype not in gguf.GGUF_TYPES:
