@@ -353,6 +353,7 @@ def test_cli_edits_a_gguf_model_and_exports_it(llama_source, tmp_path):
     ("--export_gguf=edited.bin", "must end in .gguf"),
     ("--export_gguf_dtype=q4_1", "--export_gguf_dtype"),
     ("--model=missing.gguf", "missing.gguf does not exist"),
+    ("--export_gguf=edited.gguf", "--export_gguf applies to sequential runs"),
 ])
 def test_cli_refuses_bad_gguf_flags(tmp_path, flag, message):
     from tests.test_main import assert_clean_error, run_main
@@ -364,7 +365,7 @@ def test_cli_refuses_an_export_llama_cpp_cannot_run_before_editing(tiny_checkpoi
     from tests.test_main import assert_clean_error, run_main
 
     out = tmp_path / "out"
-    result = run_main(f"--model={tiny_checkpoint('mistral')}", "--method=memit",
+    result = run_main(f"--model={tiny_checkpoint('mistral')}", "--method=memit_seq",
                       f"--export_gguf={tmp_path / 'x.gguf'}", f"--output_dir={out}",
                       cache=tmp_path)
     assert_clean_error(result, "sliding_window")
