@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 
 import jax.numpy as jnp
@@ -303,6 +304,15 @@ def test_named_model_without_its_package_names_the_extra(monkeypatch):
 
 
 SMOLLM2 = "smollm2-135m-instruct"
+_USER_CACHE = os.environ.get("KEEDIT_CACHE")  # before the autouse fixture replaces it
+
+
+def _use_shared_cache(monkeypatch) -> None:
+    """The real model's conversion is shared by every run on the machine (made once)."""
+    if _USER_CACHE is None:
+        monkeypatch.delenv("KEEDIT_CACHE")
+    else:
+        monkeypatch.setenv("KEEDIT_CACHE", _USER_CACHE)
 
 
 @pytest.mark.slow
@@ -312,7 +322,7 @@ def test_smollm2_matches_transformers_and_knows_paris(monkeypatch):
         file = gguf.resolve_gguf(SMOLLM2)
     except FileNotFoundError as err:
         pytest.skip(str(err))
-    monkeypatch.delenv("KEEDIT_CACHE")  # the shared cache: converted once per machine
+    _use_shared_cache(monkeypatch)
     model = load_model(SMOLLM2)
     tokenizer = load_tokenizer(SMOLLM2, model.config)
     tokens = np.asarray([tokenizer("The capital of France is")["input_ids"]])
@@ -408,3 +418,23 @@ def test_llama_cpp_runs_the_edited_export(request, source_name, tmp_path):
     exact = our_logits(dataclasses.replace(model, params=params), tokens[None])[0]
     np.testing.assert_allclose(theirs, exact, atol=LLAMA_CPP_ATOL)
     assert np.abs(exact - our_logits(model, tokens[None])[0]).max() > 10 * LLAMA_CPP_ATOL
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_matches_llama_cpp(monkeypatch):
+    """llama.cpp's own tokenizer (its "smollm" pre-tokenizer) on the real file is the
+    reference for ours, built from the same metadata: digits, spaces, unicode, specials."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    _use_shared_cache(monkeypatch)
+    try:
+        file = gguf.resolve_gguf(SMOLLM2)
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    ours = load_tokenizer(SMOLLM2)
+    theirs = llama_cpp.Llama(model_path=str(file), vocab_only=True, verbose=False)
+    for text in ("The capital of France is", "In 2024, 123,456 apples cost $7.50!",
+                 "Which corporation created USS Leedstown (APA-56)?",
+                 "  leading spaces\n\nnew lines\ttabs", "naïve café — ünïcödé 東京",
+                 "<|im_start|>user\nhi<|im_end|>"):
+        assert ours(text, add_special_tokens=False)["input_ids"] == \
+            theirs.tokenize(text.encode(), add_bos=False, special=True), text
