@@ -228,6 +228,18 @@ def test_conversion_is_cached(llama_source, tmp_path):
     assert gguf.hf_directory(file) != first
 
 
+def test_conversion_streams_shards(llama_source, tmp_path, monkeypatch):
+    """A conversion holds one shard at a time: with small shards the cache is a sharded
+    checkpoint that loads to the same logits."""
+    file = write(llama_source, tmp_path / "tiny.gguf", "Q8_0")
+    whole = our_logits(load_model(file), _tokens())
+    monkeypatch.setattr(gguf, "CACHE_SHARD_BYTES", 20_000)
+    directory = gguf.hf_directory(file, cache_dir=tmp_path / "sharded")
+    assert len(list(directory.glob("model-*-of-*.safetensors"))) > 3
+    assert not list(directory.glob(".shard-*"))
+    np.testing.assert_array_equal(our_logits(load_model(directory), _tokens()), whole)
+
+
 def _edited(model):
     path = down_proj_path(model.config)
     kernel = get_path(model.params, path)

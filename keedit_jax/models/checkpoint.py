@@ -16,7 +16,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -327,7 +327,7 @@ def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Params,
     if dtype not in _NP_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_NP_DTYPES)}, not {dtype!r}")
     with staged_directory(target) as staging:
-        _write_tensors(staging, hf_tensors(cfg, params, dtype), max_shard_bytes)
+        write_tensors(staging, hf_tensors(cfg, params, dtype).items(), max_shard_bytes)
         config = {**hf_config, "dtype": dtype}
         config.pop("torch_dtype", None)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -349,31 +349,36 @@ def export_gguf(file: str | os.PathLike, cfg: ModelConfig, params: Params, *,
                            tensor_type=gguf.GGUF_TYPES[dtype], source=source)
 
 
-def _write_tensors(directory: Path, tensors: dict[str, np.ndarray],
-                   max_shard_bytes: int | None) -> None:
+def write_tensors(directory: Path, tensors: Iterable[tuple[str, np.ndarray]],
+                  max_shard_bytes: int | None) -> None:
+    """safetensors files of `tensors` in order (HF naming, an index when there are several),
+    each shard written before the next would pass `max_shard_bytes`, so a lazily produced
+    stream is held one shard at a time."""
     metadata = {"format": "pt"}
-    shards = _split_shards(tensors, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(tensors, str(directory / SINGLE_FILE), metadata=metadata)
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, np.ndarray] = {}
+    size = total = 0
+
+    def flush() -> None:
+        file = directory / f".shard-{len(written):05d}.safetensors"
+        save_file(shard, str(file), metadata=metadata)
+        written.append((file, list(shard)))
+
+    for key, value in tensors:
+        if max_shard_bytes and shard and size + value.nbytes > max_shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[key] = value
+        size += value.nbytes
+        total += value.nbytes
+    flush()
+    if len(written) == 1:
+        written[0][0].rename(directory / SINGLE_FILE)
         return
     weight_map = {}
-    for number, shard in enumerate(shards, start=1):
-        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / name), metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, name))
-    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-             "weight_map": weight_map}
+    for number, (file, keys) in enumerate(written, start=1):
+        name = f"model-{number:05d}-of-{len(written):05d}.safetensors"
+        file.rename(directory / name)
+        weight_map.update(dict.fromkeys(keys, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
-
-
-def _split_shards(tensors: dict[str, np.ndarray],
-                  max_shard_bytes: int | None) -> list[dict[str, np.ndarray]]:
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for key, value in tensors.items():
-        if max_shard_bytes and shards[-1] and size + value.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = value
-        size += value.nbytes
-    return shards

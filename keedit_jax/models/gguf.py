@@ -22,13 +22,12 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from absl import logging
-from safetensors.numpy import save_file
 
 from keedit_jax.files import staged_directory
 from keedit_jax.models.config import ConfigError, ModelConfig, RopeConfig
@@ -39,6 +38,7 @@ if TYPE_CHECKING:
 GGUF_SUFFIX = ".gguf"
 METADATA_FILE = "gguf_metadata.gguf"  # the source file's key-value metadata, no tensors
 SOURCE_FILE = "gguf_source.json"
+CACHE_SHARD_BYTES = 2 << 30  # a conversion holds one shard of float32 tensors at a time
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's Llama-3 RoPE scaling, as per-frequency divisors
 CONVERSION_VERSION = 2
 REAL_EXTRA = "pip install -e '.[real]'"
@@ -159,9 +159,11 @@ def convert(source: Path, target: Path) -> Path:
         gguf.quants.dequantize(rope.data, rope.tensor_type), np.float32).reshape(-1)
     hf_config = hf_config_from_gguf(metadata, {t.name for t in reader.tensors}, str(source),
                                     rope_factors=factors)
-    tensors = hf_tensors_from_gguf(reader, hf_config, str(source))
+    from keedit_jax.models.checkpoint import write_tensors  # noqa: PLC0415 (import cycle)
+
     with staged_directory(target, tag="converting") as staging:
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        write_tensors(staging, hf_tensors_from_gguf(reader, hf_config, str(source)),
+                      CACHE_SHARD_BYTES)
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
         generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                       if k in hf_config}
@@ -309,32 +311,30 @@ def _rope_heads(model_type: str, n_heads: int, n_kv_heads: int, hf_name: str) ->
 
 
 def hf_tensors_from_gguf(reader: gguf.GGUFReader, hf_config: Mapping[str, Any],
-                         source: str) -> dict[str, np.ndarray]:
-    """Every tensor dequantized to float32, HF-named, q/k rows in HF order."""
+                         source: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Every tensor dequantized to float32 when it is reached, HF-named, q/k rows in HF
+    order; unexpected names are all refused before the first one is read."""
     gguf = _gguf()
-    tensors, errors = {}, []
+    unexpected = [t.name for t in reader.tensors
+                  if _hf_name(t.name) is None and t.name != ROPE_FREQS]
+    if unexpected:
+        raise GGUFError(f"{source}: unexpected tensors {unexpected}")
     for tensor in reader.tensors:
-        hf_name = _hf_name(tensor.name)
         if tensor.name == ROPE_FREQS:  # read into the config (hf_config_from_gguf)
             continue
-        if hf_name is None:
-            errors.append(f"unexpected tensor {tensor.name!r}")
-            continue
+        hf_name = _hf_name(tensor.name)
         try:
             value = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError:
-            errors.append(f"tensor {tensor.name!r}: type {tensor.tensor_type.name} cannot be "
-                          "dequantized by the gguf package")
-            continue
+        except NotImplementedError as err:
+            raise GGUFError(f"{source}: tensor {tensor.name!r} has type "
+                            f"{tensor.tensor_type.name}, which the gguf package cannot "
+                            "dequantize") from err
         value = np.asarray(value, np.float32).reshape(tuple(int(d) for d in
                                                             reversed(tensor.shape)))
         heads = _rope_heads(hf_config["model_type"], int(hf_config["num_attention_heads"]),
                             int(hf_config["num_key_value_heads"]), hf_name)
-        tensors[hf_name] = np.ascontiguousarray(
+        yield hf_name, np.ascontiguousarray(
             value if heads is None else _from_ggml_rows(value, heads))
-    if errors:
-        raise GGUFError(f"{source}:\n  " + "\n  ".join(errors))
-    return tensors
 
 
 def _save_tokenizer(source: Path, metadata: Mapping[str, Any], directory: Path) -> None:
