@@ -84,7 +84,8 @@ _ARCH_KEYS = frozenset({
     "rope.dimension_count", "rope.scaling.type", "rope.scaling.factor",
     "rope.scaling.original_context_length", "rope.scaling.finetuned", "vocab_size",
 })
-_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED = 3, 4
+# llama.cpp's token types (gguf.TokenType).
+_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5
 
 
 class GGUFError(ValueError):
@@ -535,11 +536,11 @@ def _write_tokenizer_keys(writer: Any, directory: Path | None, cfg: ModelConfig)
     for token, index in vocab.items():
         tokens[index] = token
     special = {t["id"]: t for t in data.get("added_tokens", [])}
-    types = [(_TOKEN_TYPE_CONTROL if special[i].get("special") else _TOKEN_TYPE_USER_DEFINED)
-             if i in special else 1 for i in range(len(tokens))]
+    types = [(_TOKEN_CONTROL if special[i].get("special") else _TOKEN_USER_DEFINED)
+             if i in special else _TOKEN_NORMAL for i in range(len(tokens))]
     for index, token in enumerate(tokens):
         if not token:  # embedding rows with no token: padding, as llama.cpp names them
-            tokens[index], types[index] = f"[PAD{index}]", 5
+            tokens[index], types[index] = f"[PAD{index}]", _TOKEN_UNUSED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
