@@ -12,9 +12,13 @@ import pytest
 from keedit_jax.models import ConfigError, config_from_hf
 from keedit_jax.testing import PUBLISHED_CONFIGS
 
-FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "published_configs.json"
-PUBLISHED = {**{k: v for k, v in json.loads(FIXTURE.read_text()).items()
-                if not k.startswith("_")}, **PUBLISHED_CONFIGS}
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+FIXTURE = {k: v for k, v in json.loads((FIXTURES / "published_configs.json").read_text()).items()
+           if not k.startswith("_")}
+SOURCES = {k: v for k, v in
+           json.loads((FIXTURES / "published_configs_sources.json").read_text()).items()
+           if not k.startswith("_")}
+PUBLISHED = {**FIXTURE, **PUBLISHED_CONFIGS}
 SMOLLM2 = PUBLISHED["HuggingFaceTB/SmolLM2-135M-Instruct"]
 
 
@@ -24,6 +28,14 @@ def test_published_configs_load(name):
     cfg = config_from_hf(hf, name)
     assert cfg.n_layers == hf.get("num_hidden_layers", hf.get("n_layer"))
     assert cfg.vocab_size == hf["vocab_size"]
+
+
+def test_every_fixture_config_says_where_it_was_read():
+    """A config is 'verified' only with a recorded verbatim source; the rest say they are not."""
+    assert set(SOURCES) == set(FIXTURE)
+    for name, record in SOURCES.items():
+        assert record["status"] in ("verified", "unverified: reconstructed"), name
+        assert record["status"] != "verified" or record["sources"], name
 
 
 def test_values_are_read_not_just_accepted():
@@ -48,6 +60,7 @@ def test_conversion_bookkeeping_is_accepted():
     ("HuggingFaceTB/SmolLM2-135M-Instruct", {"quantization_config": {"bits": 4}},
      "quantization_config"),
     ("HuggingFaceTB/SmolLM2-135M-Instruct", {"sliding_window": 4096}, "sliding_window"),
+    ("Qwen/Qwen2.5-0.5B", {"use_mrope": True}, "use_mrope"),
     ("Qwen/Qwen2.5-0.5B-Instruct",
      {"rope_scaling": {"type": "yarn", "factor": 4.0,
                        "original_max_position_embeddings": 32768}}, "rope scaling"),

@@ -51,6 +51,7 @@ _BENIGN_KEYS = frozenset({
     # autoset attention backend, and GPT-2 keys left from OpenAI GPT that transformers ignores.
     "unk_token_id", "_model_name_or_path", "is_llama_config", "transformers.js_config",
     "_attn_implementation_autoset", "n_special", "predict_special_tokens", "rope_interleaved",
+    "use_mrope",
 })
 # Keys whose value must equal the one given here, or the computation would differ.
 _REQUIRED_VALUES: dict[str, Any] = {
@@ -58,6 +59,9 @@ _REQUIRED_VALUES: dict[str, Any] = {
     "scale_attn_by_inverse_layer_idx": False,
     "scale_attn_weights": True,
     "rope_interleaved": False,  # nanotron's flag: True would pair (x[2i], x[2i+1]) in Llama
+    # Qwen2.5 text checkpoints carry use_mrope=false; True declares Qwen2-VL's 3-D multimodal
+    # rotary positions, which a text forward pass does not compute.
+    "use_mrope": False,
 }
 
 
