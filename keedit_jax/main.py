@@ -22,7 +22,7 @@ from keedit_jax import parallel
 from keedit_jax.data import DatasetError
 from keedit_jax.downstream import SolveError
 from keedit_jax.methods import check_method_flags, get_method
-from keedit_jax.models import CheckpointError, ConfigError, config_from_hf, read_hf_config
+from keedit_jax.models import CheckpointError, ConfigError, config_from_hf, gguf, read_hf_config
 from keedit_jax.models.tokenizer import TokenizerMismatchError
 from keedit_jax.results import write_results
 from keedit_jax.stats import TextSourceError
@@ -33,14 +33,17 @@ run_flags.define_flags()
 
 # Bad input (the message names the file, record, field, layer, request or flag); anything
 # else is a bug and keeps its traceback.
-USER_ERRORS = (CheckpointError, ConfigError, TokenizerMismatchError, DatasetError,
+USER_ERRORS = (CheckpointError, ConfigError, gguf.GGUFError, TokenizerMismatchError, DatasetError,
                TextSourceError, EncodingError, SolveError, NonFiniteShiftError,
                CheckpointMismatchError, parallel.MeshError, FileNotFoundError, PermissionError,
                IndexError)
 
 
 def resolve_model(model: run_flags.ModelFlags) -> Path:
-    """A checkpoint directory: the flag's path, or the organism (trained and cached if absent)."""
+    """A checkpoint directory: the flag's path, a GGUF file's or named real model's cached HF
+    conversion, or the organism (trained and cached if absent)."""
+    if gguf.is_gguf(model.model):
+        return gguf.hf_directory(model.model)
     if not model.model.startswith(run_flags.ORGANISM_PREFIX):
         return Path(model.model)
     from keedit_jax.organism import ensure_organism  # noqa: PLC0415 (only for the organism)
@@ -59,6 +62,8 @@ def main(argv: list[str]) -> None:
         method = get_method(edit.method)
         check_method_flags(configs)
         output = run_flags.check_writable(run.output_dir)
+        if run.export_gguf:
+            run_flags.check_writable(Path(run.export_gguf).parent)
         devices = configs["ParallelFlags"]
         layout = parallel.start(devices.mesh_config(),
                                 devices.distributed_config() if devices.distributed else None)
@@ -68,8 +73,10 @@ def main(argv: list[str]) -> None:
     started = time.perf_counter()
     try:
         checkpoint = resolve_model(model)
-        parallel.check_mesh(config_from_hf(read_hf_config(checkpoint),
-                                           str(checkpoint / "config.json")), layout.mesh.shape)
+        cfg = config_from_hf(read_hf_config(checkpoint), str(checkpoint / "config.json"))
+        parallel.check_mesh(cfg, layout.mesh.shape)
+        if run.export_gguf:  # refused now, not after the edits
+            gguf.check_exportable(cfg)
         with parallel.use_mesh(layout):
             results = method(checkpoint=checkpoint, configs=configs)
     except USER_ERRORS as err:  # bad input: one clear line, no traceback

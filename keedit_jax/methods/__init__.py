@@ -81,6 +81,13 @@ def check_method_flags(configs: dict[str, Any]) -> None:
     if configs["SequentialFlags"].resolve_conflicts and (method != "memit_seq" or post != "none"):
         raise ValueError("--resolve_conflicts applies to memit_seq without post-processing "
                          "(its carried system λC + G is what a removal corrects)")
+    sequential = REGISTRY[method] is _sequential or (
+        REGISTRY[method] is _by_dataset and configs["EditFlags"].sequential
+        and not _is_longform(configs["DataFlags"]))
+    if configs["RunFlags"].export_gguf and not sequential:
+        raise ValueError("--export_gguf applies to sequential runs (memit_seq, ..., or --method="
+                         "memit/alphaedit --sequential): the other protocols edit the unedited "
+                         "model once per batch, so no single edited model exists")
 
 
 def get_method(name: str) -> Callable[..., dict[str, Any]]:

@@ -69,6 +69,7 @@ from keedit_jax.methods.run_structured import (
     structured_config,
 )
 from keedit_jax.methods.structured import edit_requests
+from keedit_jax.models.checkpoint import export_gguf
 from keedit_jax.models.params import Params, down_proj_path, get_path, set_path
 from keedit_jax.plots import CURVE_METRICS, plot_curves
 from keedit_jax.stream_checkpoint import StreamCheckpoints, run_fingerprint
@@ -384,6 +385,11 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
     if editor.prune_at_end:
         params = prune_total_update(params, original, path, config.layers)
     save_edited_layers(Path(run.output_dir) / EDITED_LAYERS, params, path, config.layers)
+    if run.export_gguf:
+        host_params = parallel.to_host(params)  # a collective: every process gathers
+        if parallel.is_primary():
+            export_gguf(run.export_gguf, cfg, host_params, dtype=run.export_gguf_dtype,
+                        source=checkpoint)
     final = headline(edit_metrics(latest_records(records), params, cfg, tokenizer, generate=True,
                                   max_new_tokens=run.max_new_tokens,
                                   consistency=consistency_files(flags)))

@@ -7,6 +7,7 @@ The seam that methods use (shifts and captures) is `keedit_jax.intervene`.
 from keedit_jax.models.checkpoint import (
     CheckpointError,
     LoadedModel,
+    export_gguf,
     load_model,
     save_model,
     tensor_rules,
@@ -37,7 +38,7 @@ __all__ = [
     "AttnInputs", "CheckpointError", "ConfigError",
     "GenerationConfig", "KVCache", "LoadedModel", "ModelConfig",
     "RopeConfig", "abstract_params", "cast", "config_from_hf", "count", "down_proj_path",
-    "embed",
+    "embed", "export_gguf",
     "generate", "get_path", "head", "init_params", "layer", "layer_stack", "load_model",
     "prompt_inputs", "read_hf_config", "run_block", "run_layers", "save_model", "set_path",
     "tensor_rules",

@@ -16,7 +16,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from keedit_jax.files import staged_directory
+from keedit_jax.models import gguf
 from keedit_jax.models.config import ModelConfig, config_from_hf, read_hf_config
 from keedit_jax.models.family import get_family
 from keedit_jax.models.params import Params, abstract_params, get_path
@@ -200,12 +201,14 @@ class _OpenFiles:
 def load_model(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32,
                shardings: Callable[[ModelConfig], Params | None] | None = None) -> LoadedModel:
     """Load an HF checkpoint directory (single-file or sharded safetensors, any float dtype),
-    casting every parameter to `dtype`. All problems are collected and raised together.
+    a GGUF file or a named real model (`gguf.NAMED_MODELS`, through its cached HF
+    conversion), casting every parameter to `dtype`. All problems are collected and raised
+    together.
 
     shardings(cfg) gives each parameter's NamedSharding (`parallel.model_shardings`); every
     device's block is then read straight from the files, so no host holds the whole model.
     """
-    directory = Path(path)
+    directory = gguf.hf_directory(path) if gguf.is_gguf(path) else Path(path)
     hf_config = read_hf_config(directory)
     cfg = config_from_hf(hf_config, str(directory / "config.json"))
     files = checkpoint_files(directory)
@@ -306,19 +309,25 @@ def hf_tensors(cfg: ModelConfig, params: Params, dtype: str) -> dict[str, np.nda
 def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Params,
                hf_config: dict[str, Any], *, dtype: str = "float32",
                max_shard_bytes: int | None = None, copy_from: str | os.PathLike | None = None,
-               overwrite: bool = False) -> Path:
-    """Write an HF checkpoint (config.json + safetensors, sharded above `max_shard_bytes`).
+               overwrite: bool = False, format: str = "safetensors") -> Path:
+    """Write an HF checkpoint (config.json + safetensors, sharded above `max_shard_bytes`),
+    or with format="gguf" one GGUF file at `directory` that llama.cpp runs (dtype float32,
+    float16, bfloat16 or q8_0; metadata and tokenizer from `copy_from`, see gguf.write_gguf).
 
-    The directory appears complete or not at all: files are written to a sibling temporary
-    directory that is renamed into place. `copy_from` copies tokenizer/generation files.
+    The output appears complete or not at all: it is written beside its target and renamed
+    into place. `copy_from` copies tokenizer/generation files.
     """
-    if dtype not in _NP_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_NP_DTYPES)}, not {dtype!r}")
     target = Path(directory)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+    if format == "gguf":
+        return export_gguf(target, cfg, params, dtype=dtype, source=copy_from)
+    if format != "safetensors":
+        raise ValueError(f"format must be safetensors or gguf, not {format!r}")
+    if dtype not in _NP_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_NP_DTYPES)}, not {dtype!r}")
     with staged_directory(target) as staging:
-        _write_tensors(staging, hf_tensors(cfg, params, dtype), max_shard_bytes)
+        write_tensors(staging, hf_tensors(cfg, params, dtype).items(), max_shard_bytes)
         config = {**hf_config, "dtype": dtype}
         config.pop("torch_dtype", None)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -329,31 +338,47 @@ def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Params,
     return target
 
 
-def _write_tensors(directory: Path, tensors: dict[str, np.ndarray],
-                   max_shard_bytes: int | None) -> None:
+def export_gguf(file: str | os.PathLike, cfg: ModelConfig, params: Params, *,
+                dtype: str = "float16", source: str | os.PathLike | None = None) -> Path:
+    """The (edited) model as one GGUF file for llama.cpp: dtype float32, float16, bfloat16 or
+    q8_0; metadata and tokenizer from the checkpoint directory `source` (gguf.write_gguf)."""
+    if dtype not in gguf.GGUF_TYPES:
+        raise ValueError(f"GGUF dtype must be one of {sorted(gguf.GGUF_TYPES)}, not {dtype!r}")
+    gguf.check_exportable(cfg)
+    return gguf.write_gguf(file, cfg, hf_tensors(cfg, params, "float32"),
+                           tensor_type=gguf.GGUF_TYPES[dtype], source=source)
+
+
+def write_tensors(directory: Path, tensors: Iterable[tuple[str, np.ndarray]],
+                  max_shard_bytes: int | None) -> None:
+    """safetensors files of `tensors` in order (HF naming, an index when there are several),
+    each shard written before the next would pass `max_shard_bytes`, so a lazily produced
+    stream is held one shard at a time."""
     metadata = {"format": "pt"}
-    shards = _split_shards(tensors, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(tensors, str(directory / SINGLE_FILE), metadata=metadata)
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, np.ndarray] = {}
+    size = total = 0
+
+    def flush() -> None:
+        file = directory / f".shard-{len(written):05d}.safetensors"
+        save_file(shard, str(file), metadata=metadata)
+        written.append((file, list(shard)))
+
+    for key, value in tensors:
+        if max_shard_bytes and shard and size + value.nbytes > max_shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[key] = value
+        size += value.nbytes
+        total += value.nbytes
+    flush()
+    if len(written) == 1:
+        written[0][0].rename(directory / SINGLE_FILE)
         return
     weight_map = {}
-    for number, shard in enumerate(shards, start=1):
-        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / name), metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, name))
-    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-             "weight_map": weight_map}
+    for number, (file, keys) in enumerate(written, start=1):
+        name = f"model-{number:05d}-of-{len(written):05d}.safetensors"
+        file.rename(directory / name)
+        weight_map.update(dict.fromkeys(keys, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
-
-
-def _split_shards(tensors: dict[str, np.ndarray],
-                  max_shard_bytes: int | None) -> list[dict[str, np.ndarray]]:
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for key, value in tensors.items():
-        if max_shard_bytes and shards[-1] and size + value.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = value
-        size += value.nbytes
-    return shards

@@ -46,12 +46,22 @@ _BENIGN_KEYS = frozenset({
     "attention_bias", "mlp_bias", "add_cross_attention", "scale_attn_weights",
     "scale_attn_by_inverse_layer_idx", "activation_function", "hidden_act", "n_inner",
     "rotary", "rotary_dim", "layer_norm_epsilon", "rms_norm_eps",
+    # Bookkeeping of published checkpoints (tests/fixtures/published_configs.json): a GGUF->HF
+    # conversion's unk id and source name, nanotron's and transformers.js's markers, the
+    # autoset attention backend, and GPT-2 keys left from OpenAI GPT that transformers ignores.
+    "unk_token_id", "_model_name_or_path", "is_llama_config", "transformers.js_config",
+    "_attn_implementation_autoset", "n_special", "predict_special_tokens", "rope_interleaved",
+    "use_mrope",
 })
 # Keys whose value must equal the one given here, or the computation would differ.
 _REQUIRED_VALUES: dict[str, Any] = {
     "add_cross_attention": False,
     "scale_attn_by_inverse_layer_idx": False,
     "scale_attn_weights": True,
+    "rope_interleaved": False,  # nanotron's flag: True would pair (x[2i], x[2i+1]) in Llama
+    # Qwen2.5 text checkpoints carry use_mrope=false; True declares Qwen2-VL's 3-D multimodal
+    # rotary positions, which a text forward pass does not compute.
+    "use_mrope": False,
 }
 
 

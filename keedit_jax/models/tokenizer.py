@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from keedit_jax.models import gguf
 from keedit_jax.models.config import ModelConfig
 
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|eot|>", "<|end_of_turn|>")
@@ -19,8 +20,12 @@ class TokenizerMismatchError(ValueError):
 
 def load_tokenizer(path: str | os.PathLike, cfg: ModelConfig | None = None,
                    checkpoint: str | os.PathLike | None = None) -> Any:
-    """Load a local HF tokenizer; with `cfg`, refuse one whose ids overflow the embedding."""
+    """Load a local HF tokenizer (of a GGUF file or named real model: its cached HF
+    conversion's); with `cfg`, refuse one whose ids overflow the embedding."""
     from transformers import AutoTokenizer  # noqa: PLC0415 (slow import, only when needed)
+
+    if gguf.is_gguf(path):
+        path = gguf.hf_directory(path)
 
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True,
                                               trust_remote_code=False)
