@@ -7,13 +7,23 @@ in interleaved rounds (benchmarks/common.py), and the figure of merit is their r
 tokens/s, which holds on a shared machine where absolute timings drift.
 
 Run: python -m benchmarks.stats --preset default --out benchmarks/results/stats_cpu
+
+With --model (a local checkpoint directory) it instead times the statistics pass as a run
+makes it, on the real text of --stats_source (default wikipedia-vital), for the first
+--tokens tokens: tokens/s, padded-token fill, and the XLA compilations per length bucket
+counted by jax.monitoring (each bucket must compile once):
+
+    python -m benchmarks.stats --model DIR --tokens 50000 --out benchmarks/results/real_stats
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +32,20 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.common import Json, log
-from keedit_jax.models import config_from_hf, init_params
-from keedit_jax.stats import StatsConfig, TokenBatch, length_batches, second_moments
+from keedit_jax.models import config_from_hf, init_params, load_model
+from keedit_jax.models.tokenizer import load_tokenizer
+from keedit_jax.organism.build import cache_root
+from keedit_jax.stats import (
+    DEFAULT_SOURCE,
+    StatsConfig,
+    TokenBatch,
+    compile_time,
+    length_batches,
+    read_texts,
+    resolve_source,
+    second_moments,
+    tokenize_texts,
+)
 
 _LLAMA = {"model_type": "llama", "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
           "rope_theta": 500000.0, "num_attention_heads": 8, "num_key_value_heads": 2}
@@ -102,11 +124,95 @@ def report(results: Json) -> str:
     return f"{table}\n\none pass / per-layer passes, tokens/s: {ratio:.2f}x\n"
 
 
+def first_tokens(texts: Iterable[str], tokenizer: Any, max_length: int,
+                 n_tokens: int) -> list[list[int]]:
+    """Documents from the start of the text until they hold at least n_tokens tokens."""
+    docs, total = [], 0
+    for ids in tokenize_texts(texts, tokenizer, max_length=max_length, n_samples=10**9):
+        if total >= n_tokens:
+            break
+        docs.append(ids)
+        total += len(ids)
+    return docs
+
+
+def real_pass(model: Path, source: str, n_tokens: int, layers: tuple[int, ...],
+              config: StatsConfig) -> Json:
+    """One statistics pass on a real checkpoint, with per-bucket compilations and timings."""
+    lm = load_model(model)
+    tokenizer = load_tokenizer(model, lm.config)
+    text = resolve_source(source, cache_root() / "stats")
+    max_length = config.resolved_max_length(lm.config)
+    docs = first_tokens(read_texts(text), tokenizer, max_length, n_tokens)
+    shapes: list[tuple[int, int]] = []
+    compiles: collections.Counter = collections.Counter()
+
+    def listen(event: str, duration: float, fun_name: str = "", **_: Any) -> None:
+        if event.endswith("backend_compile_duration") and "accumulate_batch" in fun_name:
+            compiles[shapes[-1]] += 1
+
+    def tracked(batches: Iterable[TokenBatch]) -> Iterator[TokenBatch]:
+        for batch in batches:
+            shapes.append(batch.tokens_bt.shape)
+            yield batch
+
+    batches = length_batches(docs, batch_tokens=config.batch_tokens,
+                             min_bucket=config.min_bucket, max_length=max_length)
+    load_before = os.getloadavg()
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        with compile_time() as compiled:
+            began = time.perf_counter()
+            second_moments(lm.params, lm.config, tracked(batches), layers, config=config,
+                           log=log)
+            wall = time.perf_counter() - began
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    real = sum(len(d) for d in docs)
+    padded = sum(rows * length for rows, length in shapes)
+    buckets = {f"{rows}x{length}": {"batches": shapes.count((rows, length)),
+                                    "compiles": compiles[(rows, length)]}
+               for rows, length in sorted(set(shapes), key=lambda s: s[1])}
+    return {"model": str(model), "source": source, "text_file": str(text),
+            "layers": list(layers), "documents": len(docs), "tokens": real,
+            "padded_tokens": padded, "fill": real / padded, "batches": len(shapes),
+            "buckets": buckets, "max_compiles_per_bucket": max(compiles.values(), default=0),
+            "wall_s": wall, "tokens_per_s": real / wall, "compile_s": compiled.seconds,
+            "programs_compiled": compiled.programs, "compile_share": compiled.seconds / wall,
+            "tokens_per_s_without_compile": real / (wall - compiled.seconds),
+            "config": dataclasses.asdict(config), "machine": common.machine(),
+            "load_average_before": load_before, "load_average_after": os.getloadavg()}
+
+
+def real_report(results: Json) -> str:
+    rows = [[name, str(b["batches"]), str(b["compiles"])]
+            for name, b in results["buckets"].items()]
+    table = common.markdown_table(["bucket (rows x length)", "batches", "compiles"], rows)
+    return (f"{results['tokens']:,} tokens ({results['documents']} documents, fill "
+            f"{results['fill']:.0%}) in {results['wall_s']:.1f} s: "
+            f"{results['tokens_per_s']:,.0f} tokens/s; compiling {results['compile_s']:.1f} s "
+            f"({results['compile_share']:.0%}), {results['tokens_per_s_without_compile']:,.0f} "
+            f"tokens/s without it; load average {results['load_average_before'][0]:.1f} "
+            f"before, {results['load_average_after'][0]:.1f} after\n\n{table}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> Json:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/stats_cpu"))
+    parser.add_argument("--model", type=Path, help="a checkpoint: time its statistics pass")
+    parser.add_argument("--stats_source", default=DEFAULT_SOURCE)
+    parser.add_argument("--tokens", type=int, default=50_000)
+    parser.add_argument("--layers", default="4,5,6,7,8")
     args = parser.parse_args(argv)
+    if args.model:
+        layers = tuple(int(part) for part in args.layers.split(","))
+        results = real_pass(args.model, args.stats_source, args.tokens, layers,
+                            StatsConfig(log_every_s=30.0))
+        name = f"{args.model.name}_{args.tokens}"
+        common.write_json(args.out / f"{name}.json", results)
+        print(real_report(results))
+        return results
     log(f"statistics benchmark, preset {args.preset}")
     results = run(PRESETS[args.preset])
     common.write_json(args.out / "results.json", results)

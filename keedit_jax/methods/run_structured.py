@@ -36,7 +36,14 @@ from keedit_jax.models import GenerationConfig, generate, load_model
 from keedit_jax.models.params import Params
 from keedit_jax.models.tokenizer import encode_prompts, load_tokenizer, stop_token_ids
 from keedit_jax.organism.build import cache_root
-from keedit_jax.stats import StatsConfig, default_cache_path, load_or_compute, null_space_projector
+from keedit_jax.stats import (
+    DEFAULT_SOURCE,
+    StatsConfig,
+    default_cache_path,
+    load_or_compute,
+    null_space_projector,
+    resolve_source,
+)
 from keedit_jax.upstream import TargetConfig, context_templates
 
 ORGANISM_DATASETS = {"counterfact": "benchmarks/counterfact.json",
@@ -57,13 +64,10 @@ def structured_config(method: str, flags: StructuredFlags, n_layers: int) -> Str
 
 
 def stats_source(checkpoint: Path, flags: StructuredFlags, cache: Path) -> Path:
-    """The statistics text: the flag's file, or the organism's corpus written as jsonl."""
-    if flags.stats_source:
-        return Path(flags.stats_source)
-    if not (checkpoint / "world.json").exists():
-        raise FileNotFoundError(
-            f"no statistics text for {checkpoint}: --stats_source is required for a model that "
-            "is not the organism (e.g. a local Wikipedia dump as .jsonl with a 'text' field)")
+    """The statistics text: the flag's file or named corpus; else the organism's corpus
+    written as jsonl, or for any other model the default corpus (Wikipedia's Vital Articles)."""
+    if flags.stats_source or not (checkpoint / "world.json").exists():
+        return resolve_source(flags.stats_source or DEFAULT_SOURCE, cache)
     from keedit_jax.organism import World, build_corpus  # noqa: PLC0415
 
     world = World.from_json((checkpoint / "world.json").read_text())

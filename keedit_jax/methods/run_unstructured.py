@@ -295,11 +295,11 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
         stats = layer_statistics(
             params, cfg, tokenizer, config, stats_config, structured.nullspace_threshold,
             default_cache_path(cache, checkpoint.resolve().name, config.layers, stats_config))
-    embed = None
-    if flags.sentence_encoder:
-        from keedit_jax.eval.sentence_encoder import SentenceEncoder  # noqa: PLC0415
+    from keedit_jax.eval.sentence_encoder import load_sentence_encoder  # noqa: PLC0415
 
-        embed = SentenceEncoder.load(flags.sentence_encoder).embed
+    encoder = load_sentence_encoder(flags.sentence_encoder, cache_root() / "sentence_encoders",
+                                    logging.info)
+    embed = None if encoder is None else encoder.embed
     key = jax.random.key(run.seed)
     encoded = {index[x.case_id] for x in edits}
     asked = answerable(tokenizer, cfg, [q for q in queries(records) if q.record in encoded])

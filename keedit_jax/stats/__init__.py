@@ -7,6 +7,9 @@ normalised moment below 2e-2 (anchors §4).
 
     moments = load_or_compute(params, cfg, layers, tokenizer, config=StatsConfig(
         source="wiki.jsonl", n_samples=100_000), path=default_cache_path(...))
+
+`resolve_source("wikipedia-vital", cache)` is the default text of a real model: Wikipedia's
+Vital Articles from an installed package (stats/_corpus.py).
     C = moments[layer].mean()
     P = null_space_projector(moments[layer])
 """
@@ -20,10 +23,13 @@ from keedit_jax.stats._cache import (
     weights_fingerprint,
 )
 from keedit_jax.stats._config import StatsConfig
+from keedit_jax.stats._corpus import DEFAULT_SOURCE, SOURCE_NAMES, resolve_source
 from keedit_jax.stats._moments import (
+    CompileTime,
     SecondMoment,
     accumulate_batch,
     batch_sums,
+    compile_time,
     second_moments,
 )
 from keedit_jax.stats._projector import (
@@ -51,11 +57,12 @@ from keedit_jax.stats._texts import (
 )
 
 __all__ = [
-    "NULLSPACE_THRESHOLD", "NullSpace", "SecondMoment", "StatsConfig", "TextSourceError",
-    "TokenBatch", "accumulate_batch", "batch_sums", "bucket_length", "compute_from_source",
-    "config_fingerprint", "default_cache_path", "length_batches", "load_arrays",
-    "load_or_compute", "load_or_compute_null_spaces", "load_reference_moment", "null_space",
-    "null_space_projector",
-    "pad_left", "read_texts", "save_arrays", "second_moments", "source_fingerprint",
-    "stats_metadata", "tokenize_texts", "tokenizer_fingerprint", "weights_fingerprint",
+    "DEFAULT_SOURCE", "NULLSPACE_THRESHOLD", "SOURCE_NAMES", "CompileTime", "NullSpace",
+    "SecondMoment", "StatsConfig", "TextSourceError", "TokenBatch", "accumulate_batch",
+    "batch_sums", "bucket_length", "compile_time", "compute_from_source", "config_fingerprint",
+    "default_cache_path", "length_batches", "load_arrays", "load_or_compute",
+    "load_or_compute_null_spaces", "load_reference_moment", "null_space", "null_space_projector",
+    "pad_left", "read_texts", "resolve_source", "save_arrays", "second_moments",
+    "source_fingerprint", "stats_metadata", "tokenize_texts", "tokenizer_fingerprint",
+    "weights_fingerprint",
 ]

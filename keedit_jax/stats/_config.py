@@ -25,8 +25,8 @@ class StatsConfig:
       reference does (8192 for Llama-3).
     batch_tokens: the token budget of one forward (rows × bucket length); the reference's
       3 × npos budget is what ran out of memory (anchors §10).
-    min_bucket: the shortest padded length; lengths are padded to powers of two above it so
-      that the jitted step compiles once per bucket.
+    min_bucket: the shortest padded length; lengths are padded to the next of 16, 24, 32,
+      48, 64, ... above it so that the jitted step compiles once per bucket.
     accumulate_dtype: the host accumulator. Each batch's KᵀK is a float32 matmul on the device,
       summed on the device for `flush_every` batches, then added on the host in this dtype.
     with_values: also collect Σ v kᵀ and Σ v vᵀ with v = W_down k (LyapLock, anchors §5.4).

@@ -8,14 +8,18 @@ Per batch, KᵀK is a float32 matmul at the highest precision (on TPU the defaul
 the keys to bf16) added into a donated device accumulator; every `flush_every` batches the
 accumulator is added on the host in the configured dtype (float64: exact enough for any
 corpus size, at the cost of one device-to-host copy per flush, not per batch).
+
+Progress lines give the tokens the device has finished (dispatch runs ahead of it) and the
+seconds spent compiling, so that a slow first batch of a bucket is told apart from a slow pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -134,26 +138,66 @@ def zero_sums(cfg: ModelConfig, layers: Sequence[int], with_values: bool,
             for index in layers}
 
 
+# jax.monitoring events of one compilation: tracing, lowering to MLIR, XLA's compile.
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+@dataclasses.dataclass
+class CompileTime:
+    """Programs compiled by XLA and the seconds spent tracing, lowering and compiling."""
+
+    programs: int = 0
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def compile_time() -> Iterator[CompileTime]:
+    """Count the compilations (of any jitted function, any thread) while inside."""
+    total = CompileTime()
+
+    def listen(event: str, duration: float, **_: str | int) -> None:
+        if event in _COMPILE_EVENTS:
+            total.seconds += duration
+            total.programs += event == _COMPILE_EVENTS[-1]
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield total
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
 @dataclasses.dataclass(kw_only=True)
 class _Progress:
-    """Tokens and batches seen, with a tokens/s line every `every_s` seconds (host-side)."""
+    """Tokens and batches, with a line every `every_s` seconds: tokens/s of finished work
+    and the compile time so far."""
 
     log: Log
     every_s: float
+    compiled: CompileTime
     start: float = dataclasses.field(default_factory=time.perf_counter)
     last: float = dataclasses.field(default_factory=time.perf_counter)
     tokens: int = 0
     batches: int = 0
 
-    def update(self, n_tokens: int, final: bool = False) -> None:
+    def update(self, n_tokens: int, in_flight: object = None, final: bool = False) -> None:
+        # Waiting for each batch costs only the host's tokenising of the next one (ms against
+        # seconds of forward); without it dispatch runs ahead and the lines would count
+        # queued batches, not computed ones, or not appear until the end.
+        jax.block_until_ready(in_flight)
         self.tokens += n_tokens
         self.batches += not final
-        now = time.perf_counter()
-        if final or now - self.last >= self.every_s:
-            self.last = now
-            rate = self.tokens / max(now - self.start, 1e-9)
-            self.log(f"statistics: {self.tokens:,} tokens in {self.batches} batches, "
-                     f"{rate:,.0f} tokens/s" + (" (done)" if final else ""))
+        if not final and time.perf_counter() - self.last < self.every_s:
+            return
+        self.last = now = time.perf_counter()
+        rate = self.tokens / max(now - self.start, 1e-9)
+        share = self.compiled.seconds / max(now - self.start, 1e-9)
+        self.log(f"statistics: {self.tokens:,} tokens in {self.batches} batches, "
+                 f"{rate:,.0f} tokens/s; {self.compiled.programs} programs compiled in "
+                 f"{self.compiled.seconds:.1f} s ({share:.0%} of the pass)"
+                 + (" (done)" if final else ""))
 
 
 def second_moments(params: Params, cfg: ModelConfig, batches: Iterable[TokenBatch],
@@ -168,19 +212,20 @@ def second_moments(params: Params, cfg: ModelConfig, batches: Iterable[TokenBatc
     host_dtype = np.dtype(config.accumulate_dtype)
     host = zero_sums(cfg, layers, config.with_values, host_dtype)
     device = _device_zeros(cfg, layers, config.with_values)
-    progress = _Progress(log=log, every_s=config.log_every_s)
-    pending = 0
-    for batch in batches:  # rows padded to the mesh's batch axes: empty rows add nothing
-        device = accumulate_batch(device, params, parallel.put_rows(batch.tokens_bt),
-                                  parallel.put_rows(batch.mask_bt), cfg=cfg, layers=layers,
-                                  with_values=config.with_values)
-        progress.update(batch.n_tokens)
-        pending += 1
-        if pending == config.flush_every:
-            device, pending = _flush(host, device), 0
-    if pending:
-        _flush(host, device)
-    progress.update(0, final=True)
+    with compile_time() as compiled:
+        progress = _Progress(log=log, every_s=config.log_every_s, compiled=compiled)
+        pending = 0
+        for batch in batches:  # rows padded to the mesh's batch axes: empty rows add nothing
+            device = accumulate_batch(device, params, parallel.put_rows(batch.tokens_bt),
+                                      parallel.put_rows(batch.mask_bt), cfg=cfg, layers=layers,
+                                      with_values=config.with_values)
+            progress.update(batch.n_tokens, device)
+            pending += 1
+            if pending == config.flush_every:
+                device, pending = _flush(host, device), 0
+        if pending:
+            _flush(host, device)
+        progress.update(0, final=True)
     return {index: SecondMoment(sum_ff=sums["ff"], count=progress.tokens,
                                 sum_df=sums.get("df"), sum_dd=sums.get("dd"))
             for index, sums in host.items()}

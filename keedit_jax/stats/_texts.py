@@ -1,8 +1,8 @@
 """Local text sources, tokenisation and length-bucketed batches for the statistics pass.
 
 Documents stream from the file one at a time, so a multi-gigabyte dump never sits in memory.
-Batches are left-padded (the model's convention) to a power-of-two length bucket with a fixed
-row count per bucket, so the jitted step compiles once per bucket.
+Batches are left-padded (the model's convention) to a length bucket (powers of two and their
+1.5 times) with a fixed row count per bucket, so the jitted step compiles once per bucket.
 """
 
 from __future__ import annotations
@@ -116,9 +116,13 @@ class TokenBatch:
 
 
 def bucket_length(n: int, *, min_bucket: int, max_length: int) -> int:
-    """The padded length of an n-token document: the next power of two, at least min_bucket,
-    at most max_length (which is itself a bucket when it is not a power of two)."""
-    return min(max(min_bucket, 1 << max(n - 1, 0).bit_length()), max_length)
+    """The padded length of an n-token document: the next rung of 16, 24, 32, 48, 64, 96, ...
+    (the powers of two and 1.5 times each), at least min_bucket, at most max_length (itself
+    a bucket when off the ladder). Half steps pad real prose to ~86% full rows instead of
+    ~75% with powers of two alone, for twice the (once per bucket) compiles."""
+    power = 1 << max(n - 1, 0).bit_length()  # the smallest power of two >= n
+    step = power * 3 // 4 if power >= 4 and power * 3 // 4 >= n else power
+    return min(max(min_bucket, step), max_length)
 
 
 def rows_per_batch(length: int, batch_tokens: int) -> int:
@@ -127,9 +131,13 @@ def rows_per_batch(length: int, batch_tokens: int) -> int:
 
 def length_batches(sequences: Iterable[Sequence[int]], *, batch_tokens: int, min_bucket: int,
                    max_length: int) -> Iterator[TokenBatch]:
-    """Group documents by length bucket; emit a bucket when its rows are full, and the
-    partial buckets at the end padded with empty rows (so every batch of a bucket has one
-    shape). Memory holds at most one batch per bucket."""
+    """Group documents by length bucket; emit a bucket when its rows are full. Memory holds
+    at most one batch per bucket, and every batch of a bucket has one shape (one compile).
+
+    At the end, a bucket's leftover documents ride up into the next longer bucket when they
+    fit in one batch of it (the longer rows are padding, which the mask drops), else they
+    form a last batch padded with empty rows: a short pass computes a few partial batches,
+    not one per bucket of mostly empty rows."""
     pools: dict[int, list[Sequence[int]]] = {}
     for ids in sequences:
         if len(ids) > max_length:
@@ -140,9 +148,17 @@ def length_batches(sequences: Iterable[Sequence[int]], *, batch_tokens: int, min
         if len(pool) == rows_per_batch(length, batch_tokens):
             yield pad_left(pool, length, len(pool))
             pools[length] = []
-    for length, pool in sorted(pools.items()):
-        if pool:
-            yield pad_left(pool, length, rows_per_batch(length, batch_tokens))
+    lengths = sorted(pools)
+    leftover: list[Sequence[int]] = []
+    for length, longer in zip(lengths, lengths[1:] + [None], strict=True):
+        pool, rows = leftover + pools[length], rows_per_batch(length, batch_tokens)
+        while len(pool) >= rows:
+            yield pad_left(pool[:rows], length, rows)
+            pool = pool[rows:]
+        if pool and (longer is None or len(pool) > rows_per_batch(longer, batch_tokens)):
+            yield pad_left(pool, length, rows)
+            pool = []
+        leftover = pool
 
 
 def pad_left(sequences: Sequence[Sequence[int]], length: int, rows: int,
