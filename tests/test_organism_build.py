@@ -25,7 +25,7 @@ from keedit_jax.models import load_model
 from keedit_jax.models.checkpoint import CheckpointError
 from keedit_jax.models.generate import GenerationConfig, generate
 from keedit_jax.models.tokenizer import encode_prompts, load_tokenizer, stop_token_ids
-from keedit_jax.organism import build
+from keedit_jax.organism import benchmarks, build
 
 TINY_RECALL = 0.9  # measured: 0.973 (chat), 0.995 (cloze)
 TINY_BLEU = 0.8  # measured: 0.924
@@ -192,6 +192,8 @@ def test_incomplete_cache_entries_are_rebuilt(tmp_path, monkeypatch):
         for name in build.REQUIRED_FILES:
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             (target / name).write_text("{}")
+        (target / "benchmarks" / benchmarks.VERSION_FILE).write_text(
+            f"{benchmarks.BENCHMARKS_VERSION}\n")
         built.append(target)
         return target
 
@@ -221,7 +223,8 @@ def test_shipped_build_installs_verified_and_damage_is_refused(tiny, tmp_path):
     damaged[-1] ^= 1
     (shipped / "tiny" / "model.safetensors").write_bytes(bytes(damaged))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: sha256 .* damaged"):
-        organism.ensure_organism("tiny", tmp_path / "other", shipped=shipped, log=_never)
+        organism.ensure_organism("tiny", tmp_path / "other", shipped=shipped,
+                                 log=lambda _: None)
     assert not list((tmp_path / "other").glob("organism-*"))
 
 
