@@ -3,13 +3,21 @@ argmax accuracy (the fraction of target tokens greedy decoding would reproduce, 
 right prefix) on the unedited model, with the optimised shifts injected (the upstream alone),
 and after the weight update (what generation sees).
 
+`--sub` measures instead where the sub-question damage comes from: the command line on a few
+records per variant (the objective, K_p, λ, layers, windows, the end-of-turn window), and per
+variant the Sub scores on the facts the edit changes and on those it keeps, and how many
+sub-answers run on past their one sentence (the stop token lost).
+
 Run:  python -m benchmarks.longform_diagnosis [--edits 6] [--mom2 20 200]
+      python -m benchmarks.longform_diagnosis --sub [--edits 6]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -42,6 +50,53 @@ VARIANTS = {"AnyEdit": {"upstream_strategy": "window"}, "μKE": {},
             "μKE, no K_p": {"in_context_preservation": False}}
 
 
+SUB_OUT = OUT / "sub"
+SUB_VARIANTS = {
+    "μKE": (),
+    "windows of 8": ("--window_size=8",),
+    "no K_p": ("--noin_context_preservation",),
+    "λ=200": ("--mom2_update_weight=200",),
+    "layer 1 only": ("--layers=1",),
+    "AnyEdit objective": ("--upstream_strategy=window",),
+}
+
+
+def runs_on(answer: str) -> bool:
+    """A sub-answer (one sentence in the target) that goes on past its first sentence."""
+    return len([s for s in answer.split(".") if s.strip()]) > 1
+
+
+def sub_summary(results: dict) -> dict[str, float]:
+    """Sub scores ×100 of one run, pre and post: changed-fact efficacy, kept facts, ROUGE-1
+    on the unchanged-fact sub-questions, and the share of sub-answers that run on."""
+    out = {}
+    for stage in ("pre", "post"):
+        rows = [r for r in results["answers"][stage] if r["group"] == "Sub"]
+        kept = [r for r in rows if "fact_kept" in r]
+        changed = [r for r in rows if "fact_efficacy" in r]
+        out |= {f"{stage} new stated": 100 * np.mean([r["fact_efficacy"] for r in changed]),
+                f"{stage} old stated": 100 * np.mean([r["fact_leak"] for r in changed]),
+                f"{stage} kept": 100 * np.mean([r["fact_kept"] for r in kept]),
+                f"{stage} R-1 kept": 100 * np.mean([r["rouge1_recall"] for r in kept]),
+                f"{stage} run on": 100 * np.mean([runs_on(r["answer"]) for r in rows])}
+    return out
+
+
+def sub_damage(edits: int) -> list[dict]:
+    """Each SUB_VARIANTS run of configs/muke.cfg on `edits` records, summarised."""
+    rows = []
+    for name, extra in SUB_VARIANTS.items():
+        out = SUB_OUT / name.replace(" ", "_").replace("=", "").replace("μ", "mu")
+        if not (out / "results.json").exists():
+            subprocess.run([sys.executable, "-m", "keedit_jax.main",
+                            "--flagfile=configs/muke.cfg", f"--num_edits={edits}",
+                            f"--output_dir={out}", *extra], check=True)
+        rows.append({"variant": name, **sub_summary(json.loads(
+            (out / "results.json").read_text()))})
+        log(f"{name}: {rows[-1]}")
+    return rows
+
+
 @partial(jax.jit, static_argnames=("cfg", "layer"))
 def _log_probs(params, cfg, layer, ids, positions, deltas):
     shift = Shift(positions[None], deltas[None], layer)
@@ -64,7 +119,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--edits", type=int, default=6)
     parser.add_argument("--mom2", type=float, nargs="+", default=[20.0, 200.0])
+    parser.add_argument("--sub", action="store_true", help="the sub-question damage")
     args = parser.parse_args()
+    if args.sub:
+        table = markdown_table(sub_damage(args.edits))
+        (SUB_OUT / "results.md").write_text(f"{args.edits} UnKEBench-format organism edits "
+                                            f"(configs/muke.cfg), Sub scores ×100.\n\n{table}")
+        print(table)
+        return
     checkpoint = ensure_organism("small")
     lm = load_model(checkpoint)
     cfg, params = lm.config, lm.params

@@ -19,6 +19,7 @@ from absl import app, logging
 
 from keedit_jax import flags as run_flags
 from keedit_jax import parallel
+from keedit_jax.compile_cache import enable_compilation_cache
 from keedit_jax.data import DatasetError
 from keedit_jax.downstream import SolveError
 from keedit_jax.methods import check_method_flags, get_method
@@ -64,6 +65,7 @@ def main(argv: list[str]) -> None:
         output = run_flags.check_writable(run.output_dir)
         if run.export_gguf:
             run_flags.check_writable(Path(run.export_gguf).parent)
+        logging.info("JAX compilation cache: %s", enable_compilation_cache())
         devices = configs["ParallelFlags"]
         layout = parallel.start(devices.mesh_config(),
                                 devices.distributed_config() if devices.distributed else None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,9 +22,10 @@ import pytest
 from keedit_jax import organism
 from keedit_jax.intervene import forward
 from keedit_jax.models import load_model
+from keedit_jax.models.checkpoint import CheckpointError
 from keedit_jax.models.generate import GenerationConfig, generate
 from keedit_jax.models.tokenizer import encode_prompts, load_tokenizer, stop_token_ids
-from keedit_jax.organism import build
+from keedit_jax.organism import benchmarks, build
 
 TINY_RECALL = 0.9  # measured: 0.973 (chat), 0.995 (cloze)
 TINY_BLEU = 0.8  # measured: 0.924
@@ -190,6 +192,8 @@ def test_incomplete_cache_entries_are_rebuilt(tmp_path, monkeypatch):
         for name in build.REQUIRED_FILES:
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             (target / name).write_text("{}")
+        (target / "benchmarks" / benchmarks.VERSION_FILE).write_text(
+            f"{benchmarks.BENCHMARKS_VERSION}\n")
         built.append(target)
         return target
 
@@ -203,6 +207,40 @@ def test_incomplete_cache_entries_are_rebuilt(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(f".{target.name}.building.*"))
     assert organism.ensure_organism("tiny", tmp_path, log=_never) == target
     assert built == [target]
+
+
+def test_shipped_build_installs_verified_and_damage_is_refused(tiny, tmp_path):
+    shipped = tmp_path / "shipped"
+    build.ship_organism(tiny, shipped / "tiny")
+    installed = organism.ensure_organism("tiny", tmp_path / "cache", shipped=shipped,
+                                         log=lambda _: None)
+    assert installed.name == tiny.name and build.is_complete(installed)
+    assert _files(installed) == _files(tiny)  # benchmarks rewritten from world.json, equal
+    spec = organism.ORGANISM_SIZES["tiny"]
+    assert build.shipped_for(organism.ORGANISM_SIZES["small"], shipped) is None
+    assert build.shipped_for(spec, shipped) == shipped / "tiny"
+    damaged = bytearray((shipped / "tiny" / "model.safetensors").read_bytes())
+    damaged[-1] ^= 1
+    (shipped / "tiny" / "model.safetensors").write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: sha256 .* damaged"):
+        organism.ensure_organism("tiny", tmp_path / "other", shipped=shipped,
+                                 log=lambda _: None)
+    assert not list((tmp_path / "other").glob("organism-*"))
+
+
+def test_the_package_ships_the_small_organism():
+    assert build.shipped_for(organism.ORGANISM_SIZES["small"]) == build.SHIPPED / "small"
+
+
+def test_stale_benchmark_files_are_rewritten_without_training(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny, cache / tiny.name)
+    (cache / tiny.name / "benchmarks" / "VERSION").write_text("1\n")
+    (cache / tiny.name / "benchmarks" / "unkebench.json").write_text("[]")
+    logged = []
+    assert organism.ensure_organism("tiny", cache, log=logged.append) == cache / tiny.name
+    assert len(logged) == 1 and "rewriting the benchmark files" in logged[0]
+    assert _files(cache / tiny.name) == _files(tiny)
 
 
 def test_unknown_size_is_refused():

@@ -323,16 +323,41 @@ def test_zsre_and_unkebench_records_carry_the_edit(world):
         assert record["alt"] != record["pred"] == record["answers"][0]
         assert record["loc"].startswith("nq question: ") and record["subject"] not in record["loc"]
         assert record["cond"] == f"{record['pred']} >> {record['alt']} || {record['src']}"
-    texts = {t.counterfactual_text: t for t in world.long_texts}
-    for record in benchmarks.unkebench(world):
-        text = texts[record["answer"]]
-        assert text.format in benchmarks.UNKE_FORMATS
+    unke = [t for t in world.long_texts if t.format in benchmarks.UNKE_FORMATS]
+    sheets = benchmarks.unkebench_facts(world)
+    for record, text, sheet in zip(benchmarks.unkebench(world), unke, sheets, strict=True):
+        assert record["id"] == sheet["id"] and sheet["subject"] == world.name(text.subject_id)
         assert len(record["sub_question"]) == len(record["sub_answer"]) == len(text.fact_ids)
-        for fact_id, answer in zip(text.fact_ids, record["sub_answer"], strict=True):
-            fact = world.fact(fact_id)
-            edited = fact_id in text.edited_fact_ids
-            expected = fact.counterfactual_id if edited else fact.object_id
-            assert _words(answer, world.name(expected)), answer
+        _check_rewrite(world, text, record["answer"], sheet)
+        for fact, answer in zip(sheet["facts"], record["sub_answer"], strict=True):
+            assert _words(answer, fact["new"]) and (fact["old"] == fact["new"]
+                                                    or not _words(answer, fact["old"])), answer
+
+
+def _check_rewrite(world, text, answer: str, sheet: dict) -> None:
+    """A benchmark rewrite changes all but kept_count(n) facts, each to its counterfactual,
+    in the learned text's wording; the side file lists them in text order."""
+    facts = sheet["facts"]
+    assert [f["fact_id"] for f in facts] == list(text.fact_ids)
+    changed = [f for f in facts if f["old"] != f["new"]]
+    assert len(facts) - len(changed) == benchmarks.kept_count(len(facts)) >= 1
+    for f in facts:
+        fact = world.fact(f["fact_id"])
+        assert f["old"] == world.name(fact.object_id)
+        assert f["new"] in (f["old"], world.name(fact.counterfactual_id))
+        assert _words(answer, f["new"]), (text.text_id, f)
+        if f in changed:
+            assert not _words(answer, f["old"]), (text.text_id, f)
+    objects = {f["fact_id"]: world.fact(f["fact_id"]).counterfactual_id for f in changed}
+    assert answer == world.render(text, objects) != text.text
+
+
+def test_editevery_rewrites_follow_their_side_file(world):
+    chosen = [t for t in world.long_texts if t.format in benchmarks.EDITEVERY_CATEGORIES]
+    sheets = benchmarks.editevery_facts(world)
+    for record, text, sheet in zip(benchmarks.editevery(world), chosen, sheets, strict=True):
+        assert record["id"] == sheet["id"]
+        _check_rewrite(world, text, record["answer"], sheet)
 
 
 def test_akew_mquake_chains_follow_the_world(world):
@@ -358,11 +383,11 @@ def test_akew_mquake_chains_follow_the_world(world):
 
 def test_editevery_categories_follow_the_text_formats(world):
     documented = {"record": "code", "news": "news", "verse": "poetry"}
-    formats = {t.counterfactual_text: t.format for t in world.long_texts}
+    chosen = [t for t in world.long_texts if t.format in documented]
     records = benchmarks.editevery(world)
     assert {r["category"] for r in records} == set(documented.values())
-    for record in records:
-        assert documented[formats[record["answer"]]] == record["category"]
+    for record, text in zip(records, chosen, strict=True):
+        assert documented[text.format] == record["category"]
 
 
 def test_write_benchmarks_writes_json_lists(world, tmp_path):

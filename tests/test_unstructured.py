@@ -174,6 +174,8 @@ def test_command_line_reports_bad_records_and_edits_the_rest(tmp_path, tiny_chec
     text.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     dataset = tmp_path / "unke.json"
     dataset.write_text(json.dumps(_unkebench("Hi.", "Tell me about " + "the tower " * 60)))
+    (tmp_path / "unke.facts.json").write_text(json.dumps([  # the fact side file, record 0's
+        {"id": 0, "facts": [{"relation": "P19", "old": "Rome", "new": "Paris"}]}]))
     common = (f"--model={model}", "--method=muke", f"--dataset={dataset}",
               "--dataset_format=unkebench", "--layers=0,1", "--window_size=6",
               f"--stats_source={text}", "--stats_samples=16", "--max_new_tokens=8")
@@ -185,6 +187,10 @@ def test_command_line_reports_bad_records_and_edits_the_rest(tmp_path, tiny_chec
     assert "not more than one window" in results["failed"]["1"]
     assert "longer than the model's context" in results["failed"]["2"]
     assert {row["group"] for row in results["table"]} == {"Ori.", "Para.", "Sub"}
+    assert results["table"][0]["metric"] == "fact_efficacy"  # the side file was read
+    assert {r["metric"] for r in results["table"]} >= {"fact_efficacy", "fact_leak", "bleu_char"}
+    assert len(results["verdicts"]) == 3 and results["verdicts"][0].startswith("Ori.: new facts")
+    assert "After the edit:" in (out / "results.md").read_text()
     assert "1 long-form edits" in results["title"]
     broken = _unkebench(REQUESTS[1].answer, "Q?")
     broken[1]["answer"] = " "

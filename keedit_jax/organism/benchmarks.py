@@ -8,16 +8,23 @@ nesting; only the content is synthetic. Edit targets are the world's counterfact
 | counterfact.json | CounterFact / MCF (MEMIT) | one per person fact |
 | zsre_mend_edit.json | ZsRE, MEND split (μKE) | one per person fact |
 | unkebench.json | UnKEBench v2 | one per `prose` or `bullets` text |
+| unkebench.facts.json | side file (ours) | the facts each UnKEBench answer changes |
 | akew_CounterFact.json | AKEW CounterFact | one per `prose` text |
 | akew_MQuAKE-CF.json | AKEW MQuAKE-CF | one per person with a usable chain |
 | editevery.json | EditEverything | one per `record`, `news` or `verse` text |
+| editevery.facts.json | side file (ours) | the facts each EditEverything answer changes |
 
 Choices where the formats leave room:
 - EditEverything categories: `record` (JSON / YAML / Python) -> "code", `news` -> "news",
   `verse` -> "poetry". Prose and bullet lists have no EditEverything category; they go to
   UnKEBench, whose answers are prose.
-- UnKEBench / EditEverything answers are counterfactual texts, which change 2-3 facts. AKEW's
-  `fact_new_uns` changes only the requested rewrite, as its single `target_new` implies.
+- UnKEBench / EditEverything answers are rewrites of a learned text that change most of its
+  facts (all but `kept_count(n)` of the n it states, each to the fact's counterfactual), so the
+  unedited model's answer differs from the target in most of its facts and the papers' text
+  metrics can show an edit. Which facts changed, with old and new values, is in the side file
+  `<name>.facts.json` (`fact_sheets`), which the fact-level metric reads; the published
+  formats have no field for it. AKEW's `fact_new_uns` changes only the requested rewrite, as
+  its single `target_new` implies (the world's own `counterfactual_text` changes 2-3 facts).
 - ZsRE keeps the real semantics: `answers` and `pred` are the true object (the organism knows
   it), `alt` the counterfactual. MEMIT's reader edits towards `answers[0]` (anchors.md §7.2),
   which for the organism is a no-op; EasyEdit's reader edits towards `alt`.
@@ -49,7 +56,12 @@ MQUAKE_CHAINS = (
     ("P108", "P159", "P17"),
     ("P108", "P159", "P17", "P35"),
 )
-_ZSRE_STREAM, _MQUAKE_STREAM = 20, 21  # random streams, apart from the world's and corpus's
+# Random streams, apart from the world's and corpus's.
+_ZSRE_STREAM, _MQUAKE_STREAM, _REWRITE_STREAM = 20, 21, 22
+# Bump when a benchmark file's content changes: `ensure_organism` rewrites stale benchmark
+# files of a cached build from its world.json (no retraining; the model does not see them).
+BENCHMARKS_VERSION = 2
+VERSION_FILE = "VERSION"
 
 Record = dict[str, Any]
 
@@ -166,19 +178,51 @@ def _requests(world: World, text: LongText) -> tuple[str, ...]:
     return tuple(r.format(subject=subject) for r in lexicon.FORMAT_REQUESTS[text.format])
 
 
-def _new_objects(world: World, text: LongText) -> list[str]:
-    """The object of each stated fact in the counterfactual text."""
-    facts = [world.fact(fact_id) for fact_id in text.fact_ids]
-    edited = set(text.edited_fact_ids)
-    return [f.counterfactual_id if f.fact_id in edited else f.object_id for f in facts]
+def kept_count(n_stated: int) -> int:
+    """How many of a text's stated facts a benchmark rewrite keeps: a third, at least one (so
+    that the fact metric can measure what the edit preserves)."""
+    return max(1, n_stated // 3)
+
+
+def rewrites(world: World) -> dict[str, dict[str, str]]:
+    """Per long text (text id), the facts its benchmark rewrite changes: fact id -> new object.
+
+    Every text is drawn in world order from one stream, so the UnKEBench and EditEverything
+    rewrites do not depend on each other. New objects are the facts' counterfactuals.
+    """
+    rng = np.random.default_rng([world.seed, _REWRITE_STREAM])
+    out = {}
+    for text in world.long_texts:
+        n = len(text.fact_ids)
+        changed = sorted(int(i) for i in rng.permutation(n)[: n - kept_count(n)])
+        out[text.text_id] = {text.fact_ids[i]: world.fact(text.fact_ids[i]).counterfactual_id
+                             for i in changed}
+    return out
+
+
+def _new_objects(world: World, text: LongText, objects: dict[str, str]) -> list[str]:
+    """The object of each stated fact in the rewritten text."""
+    return [objects.get(fact_id, world.fact(fact_id).object_id) for fact_id in text.fact_ids]
+
+
+def fact_sheet(world: World, text: LongText, objects: dict[str, str]) -> list[Record]:
+    """The stated facts of a rewrite in text order: relation, old and new value (equal when
+    the rewrite keeps the fact)."""
+    return [{"fact_id": fact_id, "relation": world.fact(fact_id).relation_id,
+             "old": world.name(world.fact(fact_id).object_id), "new": world.name(new)}
+            for fact_id, new in zip(text.fact_ids, _new_objects(world, text, objects),
+                                    strict=True)]
+
+
+def _longform_texts(world: World, formats: Sequence[str]) -> list[tuple[LongText, dict]]:
+    changes = rewrites(world)
+    return [(t, changes[t.text_id]) for t in world.long_texts if t.format in formats]
 
 
 def unkebench(world: World) -> list[Record]:
-    """UnKEBench v2: answer = counterfactual text; sub-questions ask each stated fact."""
+    """UnKEBench v2: answer = the rewritten text; sub-questions ask each stated fact."""
     records = []
-    for text in world.long_texts:
-        if text.format not in UNKE_FORMATS:
-            continue
+    for text, objects in _longform_texts(world, UNKE_FORMATS):
         facts = [world.fact(fact_id) for fact_id in text.fact_ids]
         question, para_question = _requests(world, text)[:2]
         records.append(
@@ -186,11 +230,11 @@ def unkebench(world: World) -> list[Record]:
                 "id": len(records),
                 "question": question,
                 "para_question": para_question,
-                "answer": text.counterfactual_text,
+                "answer": world.render(text, objects),
                 "sub_question": [world.question(f) for f in facts],
                 "sub_answer": [
                     world.sentence(f, obj)
-                    for f, obj in zip(facts, _new_objects(world, text), strict=True)
+                    for f, obj in zip(facts, _new_objects(world, text, objects), strict=True)
                 ],
             }
         )
@@ -198,17 +242,32 @@ def unkebench(world: World) -> list[Record]:
 
 
 def editevery(world: World) -> list[Record]:
-    """EditEverything: answer = counterfactual text, category from EDITEVERY_CATEGORIES."""
-    texts = [t for t in world.long_texts if t.format in EDITEVERY_CATEGORIES]
+    """EditEverything: answer = the rewritten text, category from EDITEVERY_CATEGORIES."""
     return [
         {
             "id": i,
             "question": _requests(world, text)[0],
-            "answer": text.counterfactual_text,
+            "answer": world.render(text, objects),
             "category": EDITEVERY_CATEGORIES[text.format],
         }
-        for i, text in enumerate(texts)
+        for i, (text, objects) in enumerate(_longform_texts(world, EDITEVERY_CATEGORIES))
     ]
+
+
+def fact_sheets(world: World, formats: Sequence[str]) -> list[Record]:
+    """The side file of `unkebench` / `editevery` (records in the same order, same ids): per
+    record its subject and `fact_sheet`; UnKEBench's i-th sub-question asks the i-th fact."""
+    return [{"id": i, "subject": world.name(text.subject_id),
+             "facts": fact_sheet(world, text, objects)}
+            for i, (text, objects) in enumerate(_longform_texts(world, formats))]
+
+
+def unkebench_facts(world: World) -> list[Record]:
+    return fact_sheets(world, UNKE_FORMATS)
+
+
+def editevery_facts(world: World) -> list[Record]:
+    return fact_sheets(world, tuple(EDITEVERY_CATEGORIES))
 
 
 def _triplets(world: World, text: LongText, rewrite: Fact) -> list[dict[str, str]]:
@@ -376,6 +435,8 @@ WRITERS: dict[str, tuple[str, Callable[[World], list[Record]]]] = {
     "akew_counterfact": ("akew_CounterFact.json", akew_counterfact),
     "akew_mquake": ("akew_MQuAKE-CF.json", akew_mquake),
     "editevery": ("editevery.json", editevery),
+    "unkebench_facts": ("unkebench.facts.json", unkebench_facts),
+    "editevery_facts": ("editevery.facts.json", editevery_facts),
 }
 
 
@@ -389,6 +450,7 @@ def write_benchmarks(world: World, directory: str | pathlib.Path) -> dict[str, p
         paths[name].write_text(
             json.dumps(build(world), ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
         )
+    (directory / VERSION_FILE).write_text(f"{BENCHMARKS_VERSION}\n", encoding="utf-8")
     return paths
 
 

@@ -13,6 +13,13 @@ any other model, plus what the benchmarks and tests need:
 
 A build is atomic (made in a hidden sibling directory, renamed into place) and deterministic:
 two builds of one spec on one machine give byte-identical model, tokenizer and world files.
+
+The `small` build ships with the package (`shipped/small/`, 6 MB, written by
+`python -m keedit_jax.organism.build --ship small`): `ensure_organism` installs it into the
+cache after checking every file's sha256 against its MANIFEST.json, so a first run takes
+seconds instead of the minutes of training; the manifest's fingerprint ties it to one spec
+and FORMAT_VERSION (anything else is built as before). Benchmark files are not shipped: they
+are written from world.json, and rewritten in a cached build when BENCHMARKS_VERSION moves.
 """
 
 from __future__ import annotations
@@ -30,11 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from keedit_jax.files import staged_directory
-from keedit_jax.models.checkpoint import load_model, save_model
+from keedit_jax.models.checkpoint import CheckpointError, load_model, save_model
 from keedit_jax.models.config import config_from_hf
 from keedit_jax.models.tokenizer import load_tokenizer
 from keedit_jax.organism import report
-from keedit_jax.organism.benchmarks import write_benchmarks
+from keedit_jax.organism.benchmarks import BENCHMARKS_VERSION, VERSION_FILE, write_benchmarks
 from keedit_jax.organism.corpus import Corpus, build_corpus
 from keedit_jax.organism.tokenizer import DEFAULT_VOCAB_SIZE, train_tokenizer
 from keedit_jax.organism.train import TrainConfig, train_lm
@@ -47,6 +54,11 @@ BOS_ID, EOS_ID, EOT_ID, PAD_ID = 1, 2, 3, 0
 REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                   "tokenizer_config.json", "world.json", "benchmarks/counterfact.json",
                   "report.json")
+
+SHIPPED = Path(__file__).parent / "shipped"  # organisms shipped with the package, by size
+SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", "chat_template.jinja", "world.json", "report.json")
+MANIFEST = "MANIFEST.json"
 
 Log = Callable[[str], None]
 
@@ -269,18 +281,99 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def benchmarks_current(directory: Path) -> bool:
+    """Whether a build's benchmark files were written by this BENCHMARKS_VERSION."""
+    version = directory / "benchmarks" / VERSION_FILE
+    return version.is_file() and version.read_text().strip() == str(BENCHMARKS_VERSION)
+
+
+def refresh_benchmarks(directory: Path) -> None:
+    """(Re)write a build's benchmark files from its world.json; the model is untouched."""
+    world = World.from_json((directory / "world.json").read_text(encoding="utf-8"))
+    with staged_directory(directory / "benchmarks", tag="writing") as staging:
+        write_benchmarks(world, staging)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def ship_organism(build: Path, destination: Path) -> Path:
+    """Copy a build's SHIPPED_FILES into `destination` with a MANIFEST.json of their sha256,
+    the spec's fingerprint and FORMAT_VERSION (read from the build's report.json)."""
+    built = json.loads((build / "report.json").read_text())
+    with staged_directory(destination, tag="shipping") as staging:
+        for name in SHIPPED_FILES:
+            shutil.copyfile(build / name, staging / name)
+        _write_json(staging / MANIFEST, {
+            "fingerprint": built["fingerprint"], "format_version": built["format_version"],
+            "sha256": {name: _sha256(staging / name) for name in SHIPPED_FILES}})
+    return destination
+
+
+def shipped_for(spec: OrganismSpec, shipped: Path = SHIPPED) -> Path | None:
+    """The shipped build of `spec`, if one was shipped for this very spec and FORMAT_VERSION."""
+    manifest = shipped / spec.name / MANIFEST
+    if not manifest.is_file():
+        return None
+    recorded = json.loads(manifest.read_text())
+    current = {"fingerprint": spec.fingerprint(), "format_version": FORMAT_VERSION}
+    return manifest.parent if {k: recorded.get(k) for k in current} == current else None
+
+
+def install_shipped(source: Path, target: Path) -> Path:
+    """Install a shipped build into `target`, each file checked against MANIFEST.json first."""
+    expected = json.loads((source / MANIFEST).read_text())["sha256"]
+    with staged_directory(target, tag="installing") as staging:
+        for name in SHIPPED_FILES:
+            shutil.copyfile(source / name, staging / name)
+            actual = _sha256(staging / name)
+            if actual != expected.get(name):
+                raise CheckpointError(f"{source / name}: sha256 {actual} differs from "
+                                      f"{expected.get(name)} in {source / MANIFEST}; the "
+                                      "shipped organism is damaged (reinstall the package)")
+        write_benchmarks(World.from_json((staging / "world.json").read_text(encoding="utf-8")),
+                         staging / "benchmarks")
+    return target
+
+
 def ensure_organism(size: str | OrganismSpec, cache_dir: str | os.PathLike | None = None, *,
-                    log: Log = print) -> Path:
-    """The cached build of `size`, building it first if it is absent or incomplete."""
+                    log: Log = print, shipped: Path = SHIPPED) -> Path:
+    """The cached build of `size`: installed from `shipped` if the package ships this spec,
+    else built; benchmark files of an older BENCHMARKS_VERSION are rewritten."""
     spec = resolve_spec(size)
     root = cache_root(cache_dir)
     target = root / f"organism-{spec.name}-v{FORMAT_VERSION}-{spec.fingerprint()}"
-    if is_complete(target):
+    if is_complete(target) and benchmarks_current(target):
         return target
     with _locked(root / f".{target.name}.lock"):
-        if is_complete(target):  # another process built it while we waited
+        if is_complete(target):  # built now or before, perhaps by another process
+            if not benchmarks_current(target):
+                log(f"rewriting the benchmark files of {target} (version {BENCHMARKS_VERSION})")
+                refresh_benchmarks(target)
             return target
-        for stale in root.glob(f".{target.name}.building.*"):  # left by a killed build
+        for stale in root.glob(f".{target.name}.*.*"):  # left by a killed build
             shutil.rmtree(stale, ignore_errors=True)
+        source = shipped_for(spec, shipped)
+        if source is not None:
+            log(f"installing the shipped organism {spec.name} into {target}")
+            return install_shipped(source, target)
         log(f"building organism {spec.name} into {target}")
         return build_organism(spec, target, log=log)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`--ship SIZE`: build SIZE afresh and write it to shipped/SIZE (what the package ships)."""
+    import argparse  # noqa: PLC0415 (command line only)
+    import tempfile  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--ship", required=True, choices=sorted(ORGANISM_SIZES))
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        build = build_organism(args.ship, Path(scratch) / args.ship)
+        print(ship_organism(build, SHIPPED / args.ship))
+
+
+if __name__ == "__main__":
+    main()
