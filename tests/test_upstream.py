@@ -171,6 +171,22 @@ def test_lookup_is_the_subjects_last_token(tok):
     assert b.kl_weight[0].tolist() == [0] * len(TEMPLATES) + [1]
 
 
+def test_target_prob_is_the_papers_per_context_mean_and_the_edited_model_reads_it(model, tok):
+    """One template: target_prob = exp(−mean token NLL) of that row; at step 0 (δ = 0) it is
+    what the unshifted model gives from tokens (the path run after an edit)."""
+    enc = upstream.encode_requests(tok, REQUESTS, ("{}",), HP)
+    res = jax.device_get(upstream.optimise_shifts(model.params, model.config, enc.batch, HP))
+    np.testing.assert_allclose(res.trace.target_prob, np.exp(-res.trace.nll), rtol=1e-5)
+    plain = upstream.unshifted_target_prob(model.params, model.config, enc.batch, HP)
+    np.testing.assert_allclose(plain, res.trace.target_prob[:, 0], rtol=1e-4)
+    rows = upstream.shift_diagnostics(res, HP, enc.case_ids)
+    assert [r["case_id"] for r in rows] == ["a", "b", "c"]
+    for e, row in enumerate(rows):
+        assert row["target_prob_last"] > row["target_prob_first"]
+        assert row["delta_norm"] <= row["clamp_radius"] * (1 + 1e-5)
+        assert row["stopped_at_step"] == int(res.updates[e])
+
+
 def test_encoding_errors_name_the_request(tok):
     empty = Request(case_id="x9", prompt="{} is", subject="Paris", target_new="é")
     with pytest.raises(upstream.EncodingError, match="request x9: target_new 'é'"):

@@ -156,6 +156,19 @@ def request_rows(tokenizer: Any, request: Request, templates: Sequence[str],
     return rows
 
 
+def encoding_failures(tokenizer: Any, requests: Sequence[Request], templates: Sequence[str],
+                      cfg: TargetConfig) -> dict[int | str, str]:
+    """The reason each request that cannot be encoded under every template fails, by case_id:
+    checked before any expensive work, so a run skips them instead of ending on them."""
+    failures = {}
+    for request in requests:
+        try:
+            request_rows(tokenizer, request, templates, cfg)
+        except EncodingError as error:
+            failures[request.case_id] = str(error)
+    return failures
+
+
 def encode_requests(tokenizer: Any, requests: Sequence[Request], templates: Sequence[str],
                     cfg: TargetConfig) -> EncodedRequests:
     """Left-padded ShiftBatch for all requests; templates[0] is where h is read ("{}")."""
