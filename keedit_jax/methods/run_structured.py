@@ -39,6 +39,7 @@ from keedit_jax.models.tokenizer import encode_prompts, load_tokenizer, stop_tok
 from keedit_jax.organism.build import cache_root
 from keedit_jax.stats import StatsConfig, default_cache_path, load_or_compute, null_space_projector
 from keedit_jax.upstream import (
+    ContextConfig,
     EncodingError,
     NonFiniteShiftError,
     TargetConfig,
@@ -202,7 +203,8 @@ def run_structured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
     config = structured_config(edit.method, flags, cfg.n_layers)
     stats = solver_statistics(loaded.moments, "moment" if edit.method == "memit"
                               else "projector", flags.nullspace_threshold)
-    templates = context_templates(params, cfg, tokenizer, jax.random.key(run.seed))
+    templates = context_templates(params, cfg, tokenizer, jax.random.key(run.seed),
+                                  ContextConfig(seeds=tuple(flags.context_seeds.split(","))))
     logging.info("context templates %s", templates)
     records = encodable(loaded.records, tokenizer, templates, config.target, failed)
     consistency = consistency_files(flags)
