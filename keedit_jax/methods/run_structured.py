@@ -191,6 +191,15 @@ def evaluate(records: Sequence[Any], params: Params, cfg: Any, tokenizer: Any,
     return [evaluate_zsre(r, score).metrics() for r in records]
 
 
+def run_templates(params: Params, cfg: Any, tokenizer: Any, flags: StructuredFlags,
+                  seed: int) -> tuple[str, ...]:
+    """"{}" and one generated template per --context_seeds word (none: "{}" alone)."""
+    if not flags.context_seeds:
+        return ("{}",)
+    return context_templates(params, cfg, tokenizer, jax.random.key(seed),
+                             ContextConfig(seeds=tuple(flags.context_seeds.split(","))))
+
+
 def run_structured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, Any]:
     model: ModelFlags = configs["ModelFlags"]
     data: DataFlags = configs["DataFlags"]
@@ -203,8 +212,7 @@ def run_structured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
     config = structured_config(edit.method, flags, cfg.n_layers)
     stats = solver_statistics(loaded.moments, "moment" if edit.method == "memit"
                               else "projector", flags.nullspace_threshold)
-    templates = context_templates(params, cfg, tokenizer, jax.random.key(run.seed),
-                                  ContextConfig(seeds=tuple(flags.context_seeds.split(","))))
+    templates = run_templates(params, cfg, tokenizer, flags, run.seed)
     logging.info("context templates %s", templates)
     records = encodable(loaded.records, tokenizer, templates, config.target, failed)
     consistency = consistency_files(flags)
