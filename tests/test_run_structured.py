@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-
 from test_main import model_directory, run_main
 
 
@@ -45,3 +44,5 @@ def test_unencodable_record_is_skipped_and_reported(tmp_path, tiny_checkpoint,
         assert 0 <= row["target_prob_edited"] <= 1
     assert "target prob" in result.stderr and "skipping request 1" in result.stderr
     assert json.loads((out / "partial.json").read_text())["failed"] == results["failed"]
+    assert [c["case_id"] for c in results["cases"]] == [0, 2]
+    assert set(results["cases"][0]["post"]) == {"rewrite_acc", "paraphrase_acc", "neighborhood_acc"}

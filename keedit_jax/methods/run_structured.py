@@ -240,8 +240,10 @@ def run_structured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
         save_partial(Path(run.output_dir), done, failed)
     if not done["post"]:
         raise EncodingError(f"no batch could be edited: {'; '.join(failed.values())}")
-    return report(edit, len(done["post"]), summarize(done["pre"]), summarize(done["post"]),
-                  done["seconds"], done["diagnostics"], failed)
+    results = report(edit, len(done["post"]), summarize(done["pre"]), summarize(done["post"]),
+                     done["seconds"], done["diagnostics"], failed)
+    results["cases"] = case_metrics(done["diagnostics"], done["pre"], done["post"])
+    return results
 
 
 def diagnostics_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -298,3 +300,11 @@ def report(edit: EditFlags, n: int, pre: dict, post: dict, seconds: list[float],
         out["diagnostics"] = {"summary": diagnostics_summary(diagnostics),
                               "requests": list(diagnostics)}
     return out
+
+
+def case_metrics(diagnostics: Sequence[Mapping[str, Any]], pre: Sequence[Mapping],
+                 post: Sequence[Mapping]) -> list[dict[str, Any]]:
+    """Each edited case's metrics before and after, beside its diagnostics (same order), so
+    a summary can be split by any property of the cases."""
+    return [{"case_id": d["case_id"], "pre": dict(a), "post": dict(b)}
+            for d, a, b in zip(diagnostics, pre, post, strict=True)]
