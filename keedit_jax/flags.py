@@ -122,6 +122,9 @@ class StructuredFlags:
         "help": "δ is kept within this factor of ‖h‖."})
     kl_factor: float = dataclasses.field(default=0.0625, metadata={
         "help": "Weight of the KL term on '{subject} is a'."})
+    context_seeds: str = dataclasses.field(default="The,Therefore,Because,I,You", metadata={
+        "help": "First words of the generated context templates, one template each (the "
+                "target loop's cost grows with their number); empty: the bare prompt only."})
     mom2_update_weight: float = dataclasses.field(default=15000.0, metadata={
         "help": "MEMIT's λ on the key second moment."})
     alphaedit_l2: float = dataclasses.field(default=10.0, metadata={
@@ -150,6 +153,8 @@ class StructuredFlags:
             raise ValueError(f"--layers={self.layers!r} must be increasing and distinct")
         if self.fact_token not in ("subject_last", "last"):
             raise ValueError(f"--fact_token={self.fact_token!r}: subject_last or last")
+        if self.context_seeds and not all(s.strip() for s in self.context_seeds.split(",")):
+            raise ValueError(f"--context_seeds={self.context_seeds!r}: comma-separated words")
         if (self.stats_source and self.stats_source not in STATS_SOURCE_NAMES
                 and not Path(self.stats_source).is_file()):
             raise FileNotFoundError(f"--stats_source={self.stats_source}: no such file nor one "

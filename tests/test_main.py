@@ -114,5 +114,7 @@ def test_every_flagfile_parses_into_valid_configs_of_an_implemented_method(flagf
     run_flags.define_flags(flag_values=values)
     run_flags.check_flagfiles(["main", f"--flagfile={flagfile}"], values)
     values(["main", f"--flagfile={flagfile}"])
+    if flagfile.startswith("configs/real") and not pathlib.Path(values.dataset).is_file():
+        pytest.skip(f"{flagfile} reads {values.dataset}, the shared data beside a clone")
     configs = {group: run_flags.from_flags(group, values) for group in run_flags.FLAG_GROUPS}
     get_method(configs[run_flags.EditFlags].method)

@@ -64,6 +64,24 @@ def test_memit_reaches_the_targets_exactly_with_one_template(setup):
     kernel_before, kernel_after = (get_path(p, down_proj_path(cfg)) for p in (params, edited))
     np.testing.assert_array_equal(kernel_before[2], kernel_after[2])  # layer 2 not edited
     assert all(r < 1e-4 for r in diag["relative_residual"].values())
+    for row in diag["requests"]:  # the solve wrote all of δ, and the edit alone raises p
+        assert abs(row["realised"] - 1) < 1e-3, row
+        assert row["target_prob_edited"] > row["target_prob_first"], row
+
+
+def test_diagnostics_tell_a_solve_that_wrote_nothing(setup):
+    """λ = 1e12 makes ΔW ~ 0: the optimisation reached its target, the edit did not."""
+    params, cfg, tok = setup
+    config = StructuredConfig(layers=(0, 1), solver="memit", target=TARGET,
+                              memit=downstream.MemitHParams(mom2_update_weight=1e12))
+    stats = {layer: jnp.eye(cfg.d_ff) for layer in config.layers}
+    states = downstream.init_states(config.make_solver(), config.layers, cfg.d_ff, cfg.d_model)
+    _, _, diag = edit_requests(params, cfg, tok, REQUESTS, ("{}",), stats, states, config)
+    for row in diag["requests"]:
+        assert row["target_prob_last"] > row["target_prob_first"], row
+        assert abs(row["realised"]) < 1e-3, row
+        assert row["target_prob_edited"] == pytest.approx(row["target_prob_first"], rel=1e-3)
+        assert row["delta_norm"] <= row["clamp_radius"] * (1 + 1e-5)
 
 
 def test_alphaedit_leaves_preserved_keys_unchanged(setup):

@@ -171,15 +171,68 @@ def test_lookup_is_the_subjects_last_token(tok):
     assert b.kl_weight[0].tolist() == [0] * len(TEMPLATES) + [1]
 
 
+def test_target_prob_is_the_papers_per_context_mean_and_the_edited_model_reads_it(model, tok):
+    """One template: target_prob = exp(−mean token NLL) of that row; at step 0 (δ = 0) it is
+    what the unshifted model gives from tokens (the path run after an edit)."""
+    enc = upstream.encode_requests(tok, REQUESTS, ("{}",), HP)
+    res = jax.device_get(upstream.optimise_shifts(model.params, model.config, enc.batch, HP))
+    np.testing.assert_allclose(res.trace.target_prob, np.exp(-res.trace.nll), rtol=1e-5)
+    plain = upstream.unshifted_target_prob(model.params, model.config, enc.batch, HP)
+    np.testing.assert_allclose(plain, res.trace.target_prob[:, 0], rtol=1e-4)
+    rows = upstream.shift_diagnostics(res, HP, enc.case_ids)
+    assert [r["case_id"] for r in rows] == ["a", "b", "c"]
+    for e, row in enumerate(rows):
+        assert row["target_prob_last"] > row["target_prob_first"]
+        assert row["delta_norm"] <= row["clamp_radius"] * (1 + 1e-5)
+        assert row["stopped_at_step"] == int(res.updates[e])
+
+
 def test_encoding_errors_name_the_request(tok):
-    bad_subject = Request(case_id=41, prompt="{}s is", subject="Pari", target_new="France")
-    with pytest.raises(upstream.EncodingError, match="request 41: subject 'Pari'"):
-        upstream.encode_requests(tok, [REQUESTS[0], bad_subject], TEMPLATES,
-                                 dataclasses.replace(HP, fact_token="subject_last"))
     empty = Request(case_id="x9", prompt="{} is", subject="Paris", target_new="é")
     with pytest.raises(upstream.EncodingError, match="request x9: target_new 'é'"):
         upstream.encode_requests(tok, [empty], TEMPLATES,
                                  dataclasses.replace(HP, prepend_space=False))
+
+
+def _merging_tokenizer():
+    """Whitespace words, characters, and one merge ")" + "?" -> ")?": the subject "X (A)" of
+    "Who made X (A)?" ends inside the prompt's token ")?", as in SmolLM2's BPE."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate("WhomadeX(A)?s ")}
+    vocab[")?"] = len(vocab)
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[(")", "?")]))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe)
+
+
+class _NoOffsets:
+    """The same tokenizer seen as a slow one (no offset mapping)."""
+
+    is_fast = False
+
+    def __init__(self, fast):
+        self.fast = fast
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": self.fast(text, add_special_tokens=add_special_tokens)["input_ids"]}
+
+
+def test_subject_whose_last_token_merges_with_the_next_character_is_located():
+    tok = _merging_tokenizer()
+    prompt, subject = "Who made {}?", "X (A)"
+    ids = tok(prompt.format(subject))["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == list("Who") + list("made") + ["X", "(", "A", ")?"]
+    head = tok("Who made X (A)")["input_ids"]
+    assert ids[: len(head)] != head  # the old "whole tokens" rule could not place it
+    for tokenizer in (tok, _NoOffsets(tok)):
+        got, index = upstream.prompt_and_lookup(tokenizer, "{}", prompt, subject,
+                                                "subject_last", 14)
+        assert got == ids and tok.convert_ids_to_tokens(got[index]) == ")?"
+    with_context, index = upstream.prompt_and_lookup(tok, "As Sam. {}", prompt, "X",
+                                                     "subject_last", 14)
+    assert tok.convert_ids_to_tokens(with_context[index]) == "X"
 
 
 def test_nan_raises_naming_request_and_step_and_weights_are_untouched(model, encoded):

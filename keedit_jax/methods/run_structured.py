@@ -21,6 +21,7 @@ from absl import logging
 
 from keedit_jax import downstream, parallel
 from keedit_jax.data import CounterFactRecord, read_dataset
+from keedit_jax.downstream import SolveError
 from keedit_jax.eval.structured import (
     evaluate_counterfact,
     evaluate_zsre,
@@ -44,7 +45,14 @@ from keedit_jax.stats import (
     null_space_projector,
     resolve_source,
 )
-from keedit_jax.upstream import TargetConfig, context_templates
+from keedit_jax.upstream import (
+    ContextConfig,
+    EncodingError,
+    NonFiniteShiftError,
+    TargetConfig,
+    context_templates,
+    encoding_failures,
+)
 
 ORGANISM_DATASETS = {"counterfact": "benchmarks/counterfact.json",
                      "zsre": "benchmarks/zsre_mend_edit.json",
@@ -103,23 +111,44 @@ def layer_statistics(params: Params, cfg: Any, tokenizer: Any, config: Structure
 
 @dataclasses.dataclass(frozen=True)
 class StructuredRun:
-    """What every structured run loads: the model, its tokenizer, the records to edit, the
-    statistics text and the edited layers' second moments (cached)."""
+    """What every structured run loads: the model, its tokenizer, the records to edit (those
+    that encode), the reason each other record is skipped, the statistics text and the edited
+    layers' second moments (cached)."""
 
     cfg: Any
     params: Params
     tokenizer: Any
     records: list[Any]
+    failed: dict[int | str, str]
     source: Path
     moments: dict[int, Any]
 
 
+def encodable(records: Sequence[Any], tokenizer: Any, templates: Sequence[str],
+              target: TargetConfig, failed: dict[int | str, str]) -> list[Any]:
+    """The records whose requests encode under every template; the others go into `failed`
+    (with a warning each) and are skipped."""
+    found = encoding_failures(tokenizer, [r.request for r in records], templates, target)
+    for reason in found.values():
+        logging.warning("skipping %s", reason)
+    failed.update(found)
+    return [r for r in records if r.case_id not in found]
+
+
 def load_structured_run(checkpoint: Path, model: ModelFlags, data: DataFlags,
                         flags: StructuredFlags) -> StructuredRun:
+    """Load everything; the records are checked against the bare prompt before the
+    statistics pass, so an unencodable one costs nothing and ends nothing."""
     lm = load_model(checkpoint, jnp.dtype(model.dtype), parallel.model_shardings)
     tokenizer = load_tokenizer(checkpoint, lm.config)
     dataset = data.dataset or str(checkpoint / ORGANISM_DATASETS.get(data.dataset_format, ""))
     records = list(read_dataset(dataset, data.dataset_format)[: data.num_edits])
+    failed: dict[int | str, str] = {}
+    records = encodable(records, tokenizer, ("{}",),
+                        structured_config("memit", flags, lm.config.n_layers).target, failed)
+    if not records:
+        raise EncodingError(f"none of the {len(failed)} records can be edited: "
+                            + "; ".join(failed.values()))
     cache = cache_root() / "stats"  # shared by runs: statistics depend on model and text only
     source = stats_source(checkpoint, flags, cache)
     stats_config = StatsConfig(source=str(source), n_samples=flags.stats_samples,
@@ -128,7 +157,7 @@ def load_structured_run(checkpoint: Path, model: ModelFlags, data: DataFlags,
                               config=stats_config, log=logging.info, path=default_cache_path(
                                   cache, checkpoint.resolve().name, flags.layer_tuple,
                                   stats_config))
-    return StructuredRun(lm.config, lm.params, tokenizer, records, source, moments)
+    return StructuredRun(lm.config, lm.params, tokenizer, records, failed, source, moments)
 
 
 def greedy_generate_fn(params: Params, cfg: Any, tokenizer: Any,
@@ -166,6 +195,15 @@ def evaluate(records: Sequence[Any], params: Params, cfg: Any, tokenizer: Any,
     return [evaluate_zsre(r, score).metrics() for r in records]
 
 
+def run_templates(params: Params, cfg: Any, tokenizer: Any, flags: StructuredFlags,
+                  seed: int) -> tuple[str, ...]:
+    """"{}" and one generated template per --context_seeds word (none: "{}" alone)."""
+    if not flags.context_seeds:
+        return ("{}",)
+    return context_templates(params, cfg, tokenizer, jax.random.key(seed),
+                             ContextConfig(seeds=tuple(flags.context_seeds.split(","))))
+
+
 def run_structured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, Any]:
     model: ModelFlags = configs["ModelFlags"]
     data: DataFlags = configs["DataFlags"]
@@ -173,35 +211,104 @@ def run_structured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
     run: RunFlags = configs["RunFlags"]
     flags: StructuredFlags = configs["StructuredFlags"]
     loaded = load_structured_run(checkpoint, model, data, flags)
-    cfg, params, tokenizer, records = (loaded.cfg, loaded.params, loaded.tokenizer,
-                                       loaded.records)
+    cfg, params, tokenizer, failed = (loaded.cfg, loaded.params, loaded.tokenizer,
+                                      dict(loaded.failed))
     config = structured_config(edit.method, flags, cfg.n_layers)
     stats = solver_statistics(loaded.moments, "moment" if edit.method == "memit"
                               else "projector", flags.nullspace_threshold)
-    templates = context_templates(params, cfg, tokenizer, jax.random.key(run.seed))
+    templates = run_templates(params, cfg, tokenizer, flags, run.seed)
     logging.info("context templates %s", templates)
+    records = encodable(loaded.records, tokenizer, templates, config.target, failed)
     consistency = consistency_files(flags)
     pre = evaluate(records, params, cfg, tokenizer, run.max_new_tokens, consistency)
-    post, seconds = [], []
+    done: dict[str, Any] = {"pre": [], "post": [], "diagnostics": [], "seconds": []}
     states = downstream.init_states(config.make_solver(), config.layers, cfg.d_ff, cfg.d_model)
-    for start in range(0, len(records), edit.edit_batch_size):
-        batch = records[start:start + edit.edit_batch_size]
+    batches = [records[i:i + edit.edit_batch_size]
+               for i in range(0, len(records), edit.edit_batch_size)]
+    for number, batch in enumerate(batches, 1):
         began = time.perf_counter()
-        edited, _, _ = edit_requests(params, cfg, tokenizer, [r.request for r in batch],
-                                     templates, stats, states, config)
-        jax.block_until_ready(edited)
-        seconds.append(time.perf_counter() - began)
-        post += evaluate(batch, edited, cfg, tokenizer, run.max_new_tokens, consistency)
-        logging.info("edited %d/%d requests (%.1f s for this batch)", start + len(batch),
-                     len(records), seconds[-1])
-    return report(edit, len(records), summarize(pre), summarize(post), seconds)
+        try:
+            edited, _, diagnostics = edit_requests(
+                params, cfg, tokenizer, [r.request for r in batch], templates, stats, states,
+                config)
+            jax.block_until_ready(edited)
+        except (NonFiniteShiftError, SolveError) as error:  # the batch is skipped, not the run
+            logging.warning("skipping batch %d: %s", number, error)
+            failed.update({r.case_id: str(error) for r in batch})
+            continue
+        done["seconds"].append(time.perf_counter() - began)
+        done["pre"] += [pre[records.index(r)] for r in batch]
+        done["post"] += evaluate(batch, edited, cfg, tokenizer, run.max_new_tokens, consistency)
+        done["diagnostics"] += diagnostics["requests"]
+        log_batch(number, len(batches), diagnostics["requests"], done["seconds"][-1])
+        save_partial(Path(run.output_dir), done, failed)
+    if not done["post"]:
+        raise EncodingError(f"no batch could be edited: {'; '.join(failed.values())}")
+    results = report(edit, len(done["post"]), summarize(done["pre"]), summarize(done["post"]),
+                     done["seconds"], done["diagnostics"], failed)
+    results["cases"] = case_metrics(done["diagnostics"], done["pre"], done["post"])
+    return results
 
 
-def report(edit: EditFlags, n: int, pre: dict, post: dict, seconds: list[float]) -> dict:
+def diagnostics_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Means over requests of the per-request target and edit diagnostics."""
+    keys = ("target_prob_first", "target_prob_last", "target_prob_edited", "realised",
+            "loss_first", "loss_last", "stopped_at_step")
+    out = {key: float(np.mean([r[key] for r in rows])) for key in keys}
+    out["early_stopped"] = float(np.mean([r["early_stop"] for r in rows]))
+    out["at_clamp"] = float(np.mean([r["delta_norm"] >= 0.999 * r["clamp_radius"]
+                                     for r in rows]))
+    return out
+
+
+def log_batch(number: int, total: int, rows: Sequence[Mapping[str, Any]],
+              seconds: float) -> None:
+    """One line per batch (is the target reached? does the edit realise it?), and one per
+    request at --verbosity=1."""
+    s = diagnostics_summary(rows)
+    logging.info("batch %d/%d (%.1f s): target prob %.3f -> %.3f with δ (%d/%d stopped early, "
+                 "%d/%d at the clamp) -> %.3f edited; the edit realises %.2f of δ",
+                 number, total, seconds, s["target_prob_first"], s["target_prob_last"],
+                 round(s["early_stopped"] * len(rows)), len(rows),
+                 round(s["at_clamp"] * len(rows)), len(rows), s["target_prob_edited"],
+                 s["realised"])
+    for r in rows:
+        logging.debug("request %s: loss %.3f -> %.3f (step %d), target prob %.3f -> %.3f -> "
+                      "%.3f edited, |δ| %.2f of clamp %.2f, realised %.2f", r["case_id"],
+                      r["loss_first"], r["loss_last"], r["stopped_at_step"],
+                      r["target_prob_first"], r["target_prob_last"], r["target_prob_edited"],
+                      r["delta_norm"], r["clamp_radius"], r["realised"])
+
+
+def save_partial(output: Path, done: Mapping[str, Any], failed: Mapping[Any, str]) -> None:
+    """What the finished batches measured, rewritten after each one: a run stopped later
+    keeps them."""
+    atomic_write(output / "partial.json", json.dumps(
+        {"pre": summarize(done["pre"]), "post": summarize(done["post"]),
+         "diagnostics": list(done["diagnostics"]), "seconds_per_batch": done["seconds"],
+         "failed": {str(k): v for k, v in failed.items()}}, indent=1, default=str))
+
+
+def report(edit: EditFlags, n: int, pre: dict, post: dict, seconds: list[float],
+           diagnostics: Sequence[Mapping[str, Any]] = (),
+           failed: Mapping[Any, str] | None = None) -> dict:
     rows = [{"metric": key, "pre": pre[key][0], "post": post[key][0]}
             for key in sorted(post) if key in pre]
     steady = seconds[1:] or seconds
-    return {"title": f"{edit.method} on {n} requests, batch size {edit.edit_batch_size}",
-            "table": rows, "pre": pre, "post": post,
-            "seconds_per_batch": seconds,
-            "seconds_per_edit_steady": float(np.mean(steady)) / edit.edit_batch_size}
+    out = {"title": f"{edit.method} on {n} requests, batch size {edit.edit_batch_size}",
+           "table": rows, "pre": pre, "post": post,
+           "seconds_per_batch": seconds,
+           "seconds_per_edit_steady": float(np.mean(steady)) / edit.edit_batch_size,
+           "failed": {str(k): v for k, v in (failed or {}).items()}}
+    if diagnostics:
+        out["diagnostics"] = {"summary": diagnostics_summary(diagnostics),
+                              "requests": list(diagnostics)}
+    return out
+
+
+def case_metrics(diagnostics: Sequence[Mapping[str, Any]], pre: Sequence[Mapping],
+                 post: Sequence[Mapping]) -> list[dict[str, Any]]:
+    """Each edited case's metrics before and after, beside its diagnostics (same order), so
+    a summary can be split by any property of the cases."""
+    return [{"case_id": d["case_id"], "pre": dict(a), "post": dict(b)}
+            for d, a, b in zip(diagnostics, pre, post, strict=True)]

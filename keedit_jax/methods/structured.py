@@ -30,6 +30,8 @@ from keedit_jax.upstream import (
     encode_requests,
     optimise_shifts,
     prompt_and_lookup,
+    shift_diagnostics,
+    unshifted_target_prob,
 )
 
 Array = jax.Array
@@ -168,12 +170,28 @@ def edit_requests(params: Params, cfg: ModelConfig, tokenizer: Any,
     params, states, reports = downstream.edit_layers(
         params, down_proj_path(cfg), solver or config.make_solver(), stats, states,
         targets, readout, layers=config.layers, request_ids=[r.case_id for r in requests])
-    total, updates = parallel.to_host((result.trace.total, result.updates))
-    diagnostics = {"target_loss_first": total[:, 0].tolist(),
-                   "target_loss_last": total[:, -1].tolist(),
-                   "updates": updates.tolist(),
+    diagnostics = {"requests": edit_diagnostics(params, cfg, encoded, readout, result,
+                                                targets, config),
                    "relative_residual": {layer: float(r.solve.rel_residual)
                                          for layer, r in reports.items()},
                    "fitted": {layer: (r.keys, r.values) for layer, r in reports.items()},
                    "refined": refined}
     return params, states, diagnostics
+
+
+def edit_diagnostics(edited: Params, cfg: ModelConfig, encoded: Any, readout: BatchReadout,
+                     result: Any, targets: Array, config: StructuredConfig
+                     ) -> list[dict[str, Any]]:
+    """Per request: the target optimisation's `shift_diagnostics`, then, under the edited
+    weights alone, the target probability on the same prompts ("target_prob_edited") and
+    the share of δ the last edited layer now realises at the lookup token ("realised":
+    ⟨h_edited − h, δ⟩/‖δ‖²; 1 when the solve wrote all of z, 0 when it changed nothing)."""
+    rows = shift_diagnostics(result, config.target, encoded.case_ids)
+    h, delta = result.h[:, 0], targets - result.h[:, 0]
+    moved = readout(edited, config.layers[-1]).outputs - h
+    realised = jnp.sum(moved * delta, -1) / jnp.maximum(jnp.sum(delta * delta, -1), 1e-30)
+    prob = unshifted_target_prob(edited, cfg, encoded.batch, config.target)
+    realised, prob = parallel.to_host((realised, prob))
+    for row, r, p in zip(rows, realised, prob, strict=True):
+        row.update(target_prob_edited=float(p), realised=float(r))
+    return rows

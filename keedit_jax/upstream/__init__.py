@@ -5,6 +5,8 @@
 - `context_templates`: "{}" plus seeded, model-generated prefixes (anchors §1).
 - `encode_requests`: requests -> `ShiftBatch` (tokens, lookup positions, token weights, KL rows).
 - `optimise_shifts`: the compiled loop -> `ShiftResult` (δ, h, m* = h + δ, per-step trace).
+- `shift_diagnostics`: per request, loss and target probability first/last, stop step,
+  ‖δ‖ against its clamp; `unshifted_target_prob`: the same probability after an edit.
 - `check_finite`: raise on the host, naming the request and step, if a loss went non-finite.
 - `compute_targets`: MEMIT's target step, all of the above in one call.
 
@@ -19,6 +21,7 @@ from keedit_jax.upstream.encode import (
     EncodingError,
     ShiftBatch,
     encode_requests,
+    encoding_failures,
     prompt_and_lookup,
     target_ids,
 )
@@ -30,6 +33,8 @@ from keedit_jax.upstream.loop import (
     evaluate_shift,
     optimise_shifts,
     safe_norm,
+    shift_diagnostics,
+    unshifted_target_prob,
 )
 from keedit_jax.upstream.memit import compute_targets
 from keedit_jax.upstream.templates import context_templates
@@ -47,9 +52,12 @@ __all__ = [
     "compute_targets",
     "context_templates",
     "encode_requests",
+    "encoding_failures",
     "evaluate_shift",
     "optimise_shifts",
     "prompt_and_lookup",
     "safe_norm",
+    "shift_diagnostics",
     "target_ids",
+    "unshifted_target_prob",
 ]

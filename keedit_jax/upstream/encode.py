@@ -99,23 +99,42 @@ def prompt_and_lookup(tokenizer: Any, context: str, prompt: str, subject: str,
                       fact_token: FactToken, case_id: int | str) -> tuple[list[int], int]:
     """Ids of context.format(prompt.format(subject)) and the lookup index (anchors §1).
 
-    subject_last tokenises the text up to the end of the subject (the AlphaEdit way, anchors
-    §11.4); those ids must be a prefix of the full prompt's, or the subject's last token is
-    not a token of the prompt and any index would be wrong.
+    subject_last is the token holding the subject's last character, found from the tokenizer's
+    character offsets: where BPE merges that character with the next one (")?" after
+    "USS Leedstown (APA-56)"), the merged token is the lookup, as the reference's rule (the
+    last token of the tokenised text up to the end of the subject) gives. A tokenizer without
+    offsets (not a fast one) uses that rule, checked against the prompt's tokens.
     """
     if prompt.count("{}") != 1:
         raise EncodingError(f"request {case_id}: prompt {prompt!r} needs exactly one '{{}}' "
                             f"for the subject {subject!r}")
     text = context.format(prompt.format(subject))
-    ids = encode_ids(tokenizer, text)
     if fact_token == "last":
+        ids = encode_ids(tokenizer, text)
         return ids, len(ids) - 1
-    head = encode_ids(tokenizer, context.format(prompt[: prompt.index("{}")] + subject))
-    if ids[: len(head)] != head:
-        raise EncodingError(f"request {case_id}: subject {subject!r} is not found as whole "
-                            f"tokens in the prompt {text!r} (the tokenisation up to the end "
-                            "of the subject is not a prefix of the prompt's)")
+    end = len(context.format(prompt[: prompt.index("{}")] + subject))
+    if getattr(tokenizer, "is_fast", False):
+        return _lookup_by_offsets(tokenizer, text, end, len(subject), case_id)
+    ids = encode_ids(tokenizer, text)
+    head = encode_ids(tokenizer, text[:end])
+    if not head or ids[: len(head) - 1] != head[:-1]:
+        raise EncodingError(f"request {case_id}: subject {subject!r} is not found in the "
+                            f"tokens of the prompt {text!r} (the tokens before the subject's "
+                            "last one differ from the prompt's)")
     return ids, len(head) - 1
+
+
+def _lookup_by_offsets(tokenizer: Any, text: str, end: int, length: int,
+                       case_id: int | str) -> tuple[list[int], int]:
+    """Ids of text and the index of the last token that starts before character `end` and
+    overlaps the subject [end - length, end); special tokens (empty spans) never qualify."""
+    encoding = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids, spans = list(encoding["input_ids"]), encoding["offset_mapping"]
+    inside = [i for i, (a, b) in enumerate(spans) if b > a and a < end and b > end - length]
+    if not inside:
+        raise EncodingError(f"request {case_id}: no token of the prompt {text!r} covers the "
+                            f"subject's characters {end - length}..{end}")
+    return ids, inside[-1]
 
 
 def request_rows(tokenizer: Any, request: Request, templates: Sequence[str],
@@ -135,6 +154,19 @@ def request_rows(tokenizer: Any, request: Request, templates: Sequence[str],
                                     cfg.fact_token, request.case_id)
     rows.append(_Row(ids, lookup, [], len(ids) - 1, 0.0, True))
     return rows
+
+
+def encoding_failures(tokenizer: Any, requests: Sequence[Request], templates: Sequence[str],
+                      cfg: TargetConfig) -> dict[int | str, str]:
+    """The reason each request that cannot be encoded under every template fails, by case_id:
+    checked before any expensive work, so a run skips them instead of ending on them."""
+    failures = {}
+    for request in requests:
+        try:
+            request_rows(tokenizer, request, templates, cfg)
+        except EncodingError as error:
+            failures[request.case_id] = str(error)
+    return failures
 
 
 def encode_requests(tokenizer: Any, requests: Sequence[Request], templates: Sequence[str],

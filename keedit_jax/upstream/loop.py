@@ -19,8 +19,9 @@ and unembeds only the positions the loss reads (ShiftBatch.read_pos).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,12 +44,18 @@ class NonFiniteShiftError(FloatingPointError):
 
 
 class LossTerms(NamedTuple):
-    """Per-edit loss terms [E] (a trace stacks them to [E, steps])."""
+    """Per-edit loss terms [E] (a trace stacks them to [E, steps]).
+
+    target_prob is not a loss term but what the reference prints per step: the mean, over the
+    edit's sequences with target tokens, of exp(−their weighted mean token NLL), so a user can
+    read whether the optimisation reached its target.
+    """
 
     total: Array
     nll: Array
     kl: Array
     weight_decay: Array
+    target_prob: Array
 
 
 @jax.tree_util.register_dataclass
@@ -128,6 +135,14 @@ def weight_decay(delta_epd: Array, h_epd: Array, trainable_ep: Array, hp: Target
     return hp.v_weight_decay * jnp.sum(jnp.where(trainable_ep, per_shift, 0.0), axis=1)
 
 
+def weighted_nll(logp_brv: Array, batch: ShiftBatch) -> tuple[Array, Array]:
+    """(w·NLL, w) [E·S, R] at the read positions; 0 where a position is no target."""
+    read_br = _flat(batch.read_pos)
+    weights = jnp.where(read_br >= 0, read(_flat(batch.weights), read_br), 0.0)
+    nll_br = token_nll(logp_brv, read(_flat(batch.labels), read_br))
+    return jnp.where(weights != 0, weights * nll_br, 0.0), weights
+
+
 def loss_terms(logp_brv: Array, kl_ref_bv: Array, batch: ShiftBatch, delta_epd: Array,
                h_epd: Array, hp: TargetConfig, trainable_ep: Array | None = None) -> LossTerms:
     """Per-edit loss from the shifted log-probs at the read positions [E·S, R, V]:
@@ -137,17 +152,25 @@ def loss_terms(logp_brv: Array, kl_ref_bv: Array, batch: ShiftBatch, delta_epd: 
     stage's variables: muke §2.6 `wd(δ_i)`); by default every shift is trainable.
     """
     e, s = batch.tokens.shape[:2]
-    read_br = _flat(batch.read_pos)
-    weights = jnp.where(read_br >= 0, read(_flat(batch.weights), read_br), 0.0)
-    nll_br = token_nll(logp_brv, read(_flat(batch.labels), read_br))
-    nll = jnp.where(weights != 0, weights * nll_br, 0.0).reshape(e, -1).sum(1)
+    weighted_br, weights = weighted_nll(logp_brv, batch)
+    nll = weighted_br.reshape(e, -1).sum(1)
     logp = _kl_rows(logp_brv, batch)
     kl_b = jnp.sum(jnp.exp(logp) * (logp - kl_ref_bv), axis=-1)
     kl = jnp.sum(batch.kl_weight * kl_b.reshape(e, s), axis=1)
     if trainable_ep is None:
         trainable_ep = jnp.ones(delta_epd.shape[:2], bool)
     wd = weight_decay(delta_epd, h_epd, trainable_ep, hp)
-    return LossTerms(nll + hp.kl_factor * kl + wd, nll, kl, wd)
+    return LossTerms(nll + hp.kl_factor * kl + wd, nll, kl, wd,
+                     target_prob(weighted_br, weights, e))
+
+
+def target_prob(weighted_nll_br: Array, weights_br: Array, e: int) -> Array:
+    """[E] mean over target-bearing sequences of exp(−Σ w·NLL / Σ w) (LossTerms)."""
+    mass_b = weights_br.sum(1)
+    has_b = mass_b > 0
+    prob_b = jnp.exp(-weighted_nll_br.sum(1) / jnp.where(has_b, mass_b, 1.0))
+    prob_es = jnp.where(has_b, prob_b, 0.0).reshape(e, -1)
+    return prob_es.sum(1) / jnp.maximum(has_b.reshape(e, -1).sum(1), 1)
 
 
 def prepare(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: TargetConfig,
@@ -199,6 +222,17 @@ def evaluate_shift(params: Params, cfg: ModelConfig, batch: ShiftBatch, delta_ep
                  stop=hp.v_loss_layer + 1, shifts=(_shift(batch, delta_epd, hp.layer),))
     logp = read_log_probs(params, cfg, top, batch)
     return loss_terms(logp, problem.kl_ref, batch, delta_epd, problem.h, hp)
+
+
+@partial(jax.jit, static_argnames=("cfg", "hp"))
+def unshifted_target_prob(params: Params, cfg: ModelConfig, batch: ShiftBatch,
+                          hp: TargetConfig) -> Array:
+    """[E] LossTerms.target_prob under params with no shift: after an edit, whether the
+    edited weights alone give what the optimisation reached with δ."""
+    top, _ = run(params, cfg, tokens=_flat(batch.tokens),
+                 attention_mask=_flat(batch.attention_mask), stop=hp.v_loss_layer + 1)
+    weighted, weights = weighted_nll(read_log_probs(params, cfg, top, batch), batch)
+    return target_prob(weighted, weights, batch.tokens.shape[0])
 
 
 def _project(delta_epd: Array, radius_ep: Array) -> Array:
@@ -301,6 +335,23 @@ def optimise_shifts(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: Tar
                            jnp.ones(delta0.shape[:2], bool), remat)
     return ShiftResult(stage.delta, problem.h, problem.h + stage.delta, stage.trace,
                        stage.delta_norm, stage.updates, is_finite(stage.trace, stage.delta))
+
+
+def shift_diagnostics(result: ShiftResult, hp: TargetConfig,
+                      case_ids: Sequence[int | str]) -> list[dict[str, Any]]:
+    """Per request, on the host: the loss and target probability at the first and the last
+    step, the step it stopped at (early stop or the last), and ‖δ‖ against its clamp radius;
+    read off the compiled loop's outputs (no callback per step)."""
+    total, prob, updates, delta, h = parallel.to_host(
+        (result.trace.total, result.trace.target_prob, result.updates, result.delta, result.h))
+    delta_norm = np.linalg.norm(delta, axis=-1).max(axis=-1)
+    radius = hp.clamp_norm_factor * np.linalg.norm(h, axis=-1).max(axis=-1)
+    return [{"case_id": case_id, "loss_first": float(total[e, 0]),
+             "loss_last": float(total[e, -1]), "target_prob_first": float(prob[e, 0]),
+             "target_prob_last": float(prob[e, -1]), "stopped_at_step": int(updates[e]),
+             "early_stop": bool(total[e, -1] < hp.early_stop_loss),
+             "delta_norm": float(delta_norm[e]), "clamp_radius": float(radius[e])}
+            for e, case_id in enumerate(case_ids)]
 
 
 def check_layers(cfg: ModelConfig, hp: TargetConfig) -> None:

@@ -1,0 +1,48 @@
+"""A structured run on a real-format ZsRE file: an unencodable record is reported under
+`failed` and skipped, the others are edited, and the per-request diagnostics are written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_main import model_directory, run_main
+
+
+def _zsre(subject: str, question: str) -> dict:
+    return {"subject": subject, "src": question, "rephrase": question, "alt": "Paris",
+            "answers": ["Rome"], "pred": "Rome", "loc": "nq question: who wrote it",
+            "loc_ans": "Jane Austen", "cond": ""}
+
+
+@pytest.mark.slow
+def test_unencodable_record_is_skipped_and_reported(tmp_path, tiny_checkpoint,
+                                                     tiny_tokenizer_dir):
+    model = model_directory(tmp_path, tiny_checkpoint("llama"), tiny_tokenizer_dir)
+    dataset = tmp_path / "zsre.json"
+    # The tiny tokenizer drops "é": no token covers record 1's subject.
+    dataset.write_text(json.dumps([_zsre("The Eiffel Tower", "Where is The Eiffel Tower?"),
+                                   _zsre("é", "Where is é?"),
+                                   _zsre("Marie Curie", "Where was Marie Curie born?")]))
+    text = tmp_path / "text.txt"
+    words = "the capital of France is Paris Rome Japan tower river old new city born".split()
+    rng = np.random.default_rng(0)  # varied text, so E[kkᵀ] has full rank
+    text.write_text("\n\n".join(" ".join(rng.choice(words, 16)) for _ in range(64)))
+    out = tmp_path / "out"
+    result = run_main(f"--model={model}", "--method=memit", f"--dataset={dataset}",
+                      "--dataset_format=zsre", "--num_edits=3", "--edit_batch_size=1",
+                      "--layers=0,1", "--v_num_grad_steps=3", f"--stats_source={text}",
+                      "--stats_samples=64", f"--output_dir={out}", cache=tmp_path)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["failed"]) == ["1"] and "no token" in results["failed"]["1"]
+    requests = results["diagnostics"]["requests"]
+    assert [r["case_id"] for r in requests] == [0, 2]
+    for row in requests:
+        assert row["delta_norm"] <= row["clamp_radius"] * (1 + 1e-5)
+        assert 0 <= row["target_prob_edited"] <= 1
+    assert "target prob" in result.stderr and "skipping request 1" in result.stderr
+    assert json.loads((out / "partial.json").read_text())["failed"] == results["failed"]
+    assert [c["case_id"] for c in results["cases"]] == [0, 2]
+    assert set(results["cases"][0]["post"]) == {"rewrite_acc", "paraphrase_acc", "neighborhood_acc"}
