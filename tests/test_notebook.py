@@ -82,7 +82,8 @@ def test_quickstart_notebook_runs_headless(organism_cache, tmp_path, monkeypatch
 
     results = json.loads((output_dir / "results.json").read_text())
     assert len(results["case_ids"]) == 2 and not results["failed"]
-    assert {row["group"] for row in results["table"]} == {"Ori.", "Para.", "Sub"}
+    assert {row["group"] for row in results["table"]} == {"Ori.", "Para.", "Sub",
+                                                             "Sub, unchanged facts"}
     for row in results["table"]:
         assert isinstance(row["post"], int | float) and 0 <= row["post"] <= 100, row
     assert json.loads((output_dir / "config.json").read_text())["ParallelFlags"]["mesh_fsdp"] == -1
