@@ -228,13 +228,19 @@ def answerable(tokenizer: Any, cfg: Any, asked: Sequence[Query]) -> list[Query]:
 
 def generate_answers(params: Params, cfg: Any, tokenizer: Any, asked: Sequence[Query],
                      max_new_tokens: int, temperature: float, key: Any) -> list[str]:
-    """Answers to the chat-templated prompts; max_new_tokens is cut to fit the context."""
+    """Answers to the chat-templated prompts; max_new_tokens is cut to fit the context.
+    Logged with their time and rate: on a real model this is minutes of a run."""
     prompts = encode_prompts(tokenizer, [q.prompt for q in asked])
     room = cfg.max_positions - max(map(len, prompts))
     gen = GenerationConfig(max_new_tokens=max(1, min(max_new_tokens, room)),
                            temperature=temperature, stop_ids=stop_token_ids(tokenizer, cfg),
                            pad_id=tokenizer.pad_token_id or 0)
+    began = time.perf_counter()
     outputs = generate(params, cfg, prompts, gen, key)
+    seconds = time.perf_counter() - began
+    tokens = sum(map(len, outputs))
+    logging.info("generated %d answers (%d tokens, at most %d each) in %.1f s: %.0f tokens/s",
+                 len(outputs), tokens, gen.max_new_tokens, seconds, tokens / max(seconds, 1e-9))
     return [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
 
 
@@ -395,10 +401,9 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
     key = jax.random.key(run.seed)
     encoded = {index[x.case_id] for x in edits}
     asked = answerable(tokenizer, cfg, [q for q in queries(records) if q.record in encoded])
-    began = time.perf_counter()
+    logging.info("pre-edit answers")
     pre_answers = generate_answers(params, cfg, tokenizer, asked, run.max_new_tokens,
                                    flags.temperature, key)
-    logging.info("pre-edit: %d answers in %.1f s", len(asked), time.perf_counter() - began)
     sheets = FactSheets.for_dataset(dataset, records)
     pre = score(asked, pre_answers, embed, sheets)
     rng = np.random.default_rng(SAMPLE_SEED)
