@@ -17,8 +17,8 @@ from absl import flags
 # Every method of the library (keedit_jax.methods.REGISTRY runs each).
 METHODS = ("memit", "alphaedit", "unke", "anyedit", "anyedit_star", "muke", "muke_star",
            "memit_seq", "alphaedit_aligned", "memorize_latest", "lyaplock", "metake")
-DATASET_FORMATS = ("auto", "counterfact", "zsre", "unkebench", "akew_counterfact",
-                   "akew_mquake", "editeverything", "hallucination")
+DATASET_FORMATS = ("auto", "counterfact", "zsre", "akew_mquake_cf", "unkebench",
+                   "akew_counterfact", "akew_mquake", "editeverything", "hallucination")
 ORGANISM_PREFIX = "organism:"
 ORGANISM_SIZES = ("tiny", "small", "medium")  # keedit_jax.organism.ORGANISM_SIZES, kept light
 STATS_SOURCE_NAMES = ("wikipedia-vital",)  # keedit_jax.stats.SOURCE_NAMES, kept light

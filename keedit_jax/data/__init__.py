@@ -3,6 +3,8 @@
 - `read_counterfact`: CounterFact / MCF -> `CounterFactRecord` (anchors.md §8, §7.1).
 - `read_zsre`: ZsRE (MEND split) -> `ZsreRecord`; the edit target convention is a choice
   (`target="alt"` EasyEdit, `"answers"` MEMIT; anchors.md §7.2).
+- `read_akew_mquake_cf`: AKEW MQuAKE-CF's rewrites as CounterFact cases, with a neighbourhood
+  proxy from other cases (`akew_structured`); `without_edited_neighbours` drops edited ones.
 - `read_dataset(path, format)`: the `--dataset_format` dispatcher, with "auto" detection.
 - `read_longform(path, format)`: UnKEBench (v2/v3), AKEW-CounterFact, AKEW-MQuAKE,
   EditEverything and the hallucination set -> `LongFormRecord` (muke.md §5.1); `read_alpaca`
@@ -14,6 +16,7 @@ each malformed record field.
 """
 
 from keedit_jax.data._fields import DatasetError, FieldProblem
+from keedit_jax.data.akew_structured import read_akew_mquake_cf, without_edited_neighbours
 from keedit_jax.data.counterfact import CounterFactRecord, read_counterfact
 from keedit_jax.data.formats import DATASET_FORMATS, StructuredRecord, detect_format, read_dataset
 from keedit_jax.data.general import (
@@ -53,6 +56,8 @@ __all__ = [
     "detect_format",
     "read_counterfact",
     "read_dataset",
+    "read_akew_mquake_cf",
+    "without_edited_neighbours",
     "read_zsre",
     "LONGFORM_FORMATS",
     "AlpacaRecord",

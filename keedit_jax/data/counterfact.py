@@ -15,6 +15,11 @@ already have the new object -> `target_new`; generation prompts are free-text pr
 fluency and consistency. Lists may be empty (the organism's small worlds have subjects without
 neighbours); their metrics are then undefined for that case. `target_*.id` (a Wikidata id)
 keys the attribute snippets used by the consistency metric.
+
+Readers of files without neighbourhood prompts (`akew_structured`) build a proxy from other
+cases' prompts, each with its own true object: `neighborhood_answers` then holds one answer per
+neighbourhood prompt and `neighborhood_subjects` its subject (so a run can drop neighbours it
+edits); both are empty for CounterFact, where every neighbour keeps `target_true`.
 """
 
 from __future__ import annotations
@@ -39,6 +44,15 @@ class CounterFactRecord:
     neighborhood_prompts: tuple[str, ...]
     attribute_prompts: tuple[str, ...]
     generation_prompts: tuple[str, ...]
+    neighborhood_answers: tuple[str, ...] = ()
+    neighborhood_subjects: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("neighborhood_answers", "neighborhood_subjects"):
+            given = getattr(self, name)
+            if given and len(given) != len(self.neighborhood_prompts):
+                raise ValueError(f"case {self.case_id}: {len(given)} {name} for "
+                                 f"{len(self.neighborhood_prompts)} neighbourhood prompts")
 
     @property
     def case_id(self) -> int | str:
@@ -49,6 +63,13 @@ class CounterFactRecord:
         """The answer every neighbourhood prompt should keep: the edited fact's true object."""
         assert self.request.target_true is not None  # always set by the reader
         return self.request.target_true
+
+    @property
+    def neighborhood_targets(self) -> tuple[str, ...]:
+        """The answer each neighbourhood prompt should keep: its own, else `target_true`."""
+        if self.neighborhood_answers or not self.neighborhood_prompts:
+            return self.neighborhood_answers
+        return (self.neighborhood_answer,) * len(self.neighborhood_prompts)
 
     @property
     def attribute_answer(self) -> str:

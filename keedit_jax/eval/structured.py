@@ -174,9 +174,14 @@ class PromptComparison:
 
 
 def compare_targets(score_fn: ScoreFn, prompts: Sequence[str], target_new: str,
-                    target_true: str) -> tuple[PromptComparison, ...]:
-    """Every prompt with " " + target_new and " " + target_true, in one ScoreFn call."""
-    pairs = [(p, f" {t}") for p in prompts for t in (target_new, target_true)]
+                    target_true: str | Sequence[str]) -> tuple[PromptComparison, ...]:
+    """Every prompt with " " + target_new and " " + target_true, in one ScoreFn call;
+    `target_true` may give each prompt its own (a neighbourhood proxy of other cases)."""
+    trues = [target_true] * len(prompts) if isinstance(target_true, str) else list(target_true)
+    if len(trues) != len(prompts):
+        raise ValueError(f"{len(trues)} true targets for {len(prompts)} prompts")
+    pairs = [(p, f" {t}") for p, true in zip(prompts, trues, strict=True)
+             for t in (target_new, true)]
     scores = list(score_fn(pairs)) if pairs else []
     return tuple(
         PromptComparison(nll_new=new.mean_nll, nll_true=true.mean_nll,
@@ -366,9 +371,10 @@ def evaluate_counterfact(record: CounterFactRecord, score_fn: ScoreFn, *,
     maps prompts to generated texts (MEMIT: prompt + 100 tokens, top-k 5); consistency also
     needs the snippets and the TF-IDF files."""
     req = record.request
-    tests = [compare_targets(score_fn, prompts, req.target_new, record.neighborhood_answer)
-             for prompts in ([req.filled_prompt], record.paraphrase_prompts,
-                             record.neighborhood_prompts)]
+    tests = [compare_targets(score_fn, prompts, req.target_new, trues)
+             for prompts, trues in (([req.filled_prompt], record.neighborhood_answer),
+                                    (record.paraphrase_prompts, record.neighborhood_answer),
+                                    (record.neighborhood_prompts, record.neighborhood_targets))]
     entropy = consistency = None
     if generate_fn is not None:
         texts = list(generate_fn(record.generation_prompts))

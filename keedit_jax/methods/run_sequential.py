@@ -67,6 +67,7 @@ from keedit_jax.methods.run_structured import (
     load_structured_run,
     solver_statistics,
     structured_config,
+    unedited_neighbours,
 )
 from keedit_jax.methods.structured import edit_requests
 from keedit_jax.models.checkpoint import export_gguf
@@ -311,8 +312,8 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
     editor = make_editor(edit.method, flags, seq, configs["MetaKEFlags"])
     solver = in_float64(editor.solver) if seq.solve_dtype == "float64" else editor.solver
     loaded = load_structured_run(checkpoint, model, data, flags)
-    cfg, original, tokenizer, records = (loaded.cfg, loaded.params, loaded.tokenizer,
-                                         loaded.records)
+    cfg, original, tokenizer = loaded.cfg, loaded.params, loaded.tokenizer
+    records = unedited_neighbours([loaded.records])[0]  # the stream edits every subject
     config = structured_config("memit", flags, cfg.n_layers)
     stats = solver_statistics(loaded.moments, editor.stats_kind, flags.nullspace_threshold)
     refine = None if editor.metake is None else metake_refiner(

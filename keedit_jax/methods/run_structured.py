@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from keedit_jax import downstream, parallel
-from keedit_jax.data import CounterFactRecord, read_dataset
+from keedit_jax.data import CounterFactRecord, read_dataset, without_edited_neighbours
 from keedit_jax.downstream import SolveError
 from keedit_jax.eval.structured import (
     evaluate_counterfact,
@@ -219,12 +219,13 @@ def run_structured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
     templates = run_templates(params, cfg, tokenizer, flags, run.seed)
     logging.info("context templates %s", templates)
     records = encodable(loaded.records, tokenizer, templates, config.target, failed)
+    batches = unedited_neighbours([records[i:i + edit.edit_batch_size]
+                                   for i in range(0, len(records), edit.edit_batch_size)])
+    records = [r for batch in batches for r in batch]
     consistency = consistency_files(flags)
     pre = evaluate(records, params, cfg, tokenizer, run.max_new_tokens, consistency)
     done: dict[str, Any] = {"pre": [], "post": [], "diagnostics": [], "seconds": []}
     states = downstream.init_states(config.make_solver(), config.layers, cfg.d_ff, cfg.d_model)
-    batches = [records[i:i + edit.edit_batch_size]
-               for i in range(0, len(records), edit.edit_batch_size)]
     for number, batch in enumerate(batches, 1):
         began = time.perf_counter()
         try:
@@ -248,6 +249,18 @@ def run_structured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
                      done["seconds"], done["diagnostics"], failed)
     results["cases"] = case_metrics(done["diagnostics"], done["pre"], done["post"])
     return results
+
+
+def unedited_neighbours(batches: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """Each batch with the neighbourhood prompts about its own edited subjects dropped (only
+    proxy neighbourhoods know their subjects, `without_edited_neighbours`): a batch is
+    evaluated under its own edit, so those prompts are no longer unrelated facts."""
+    out = []
+    for batch in batches:
+        subjects = [r.request.subject for r in batch]
+        out.append([without_edited_neighbours(r, subjects) if isinstance(r, CounterFactRecord)
+                    else r for r in batch])
+    return out
 
 
 def diagnostics_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
