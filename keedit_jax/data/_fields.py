@@ -11,7 +11,9 @@ import dataclasses
 import json
 import pathlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 MAX_REPORTED = 20  # problems listed in one error message; the exception keeps all of them
 
@@ -134,3 +136,48 @@ def read_all(path: str | pathlib.Path, records: Sequence[Any],
     if problems:
         raise DatasetError(path, problems)
     return tuple(items)
+
+
+def read_case_id(reader: FieldReader, field: str) -> int | str:
+    """An integer or non-empty string id; placeholder 0 after a problem."""
+    value = reader.raw(field, object)
+    if field not in reader.record:
+        return 0  # noted as missing
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        reader.note(field, f"expected an integer or a string, got {type(value).__name__}")
+        return 0
+    if isinstance(value, str) and not value.strip():
+        reader.note(field, "empty string")
+    return value
+
+
+def read_nested(reader: FieldReader, field: str, value: Any,
+                parse: Callable[[FieldReader], T | None]) -> T | None:
+    """`parse` on a nested object; its problems land in `reader` under the prefix `field`."""
+    if not isinstance(value, dict):
+        reader.note(field, f"expected an object, got {type(value).__name__}")
+        return None
+    inner = FieldReader(value, reader.index)
+    result = parse(inner)
+    for problem in inner.problems:
+        reader.note(f"{field}.{problem.field}", problem.message)
+    return result
+
+
+def duplicate_ids(records: list[Any], field: str) -> list[FieldProblem]:
+    """One problem per record whose id an earlier record already has."""
+    first: dict[tuple[type, int | str], int] = {}
+    problems = []
+    for index, record in enumerate(records):
+        value = record.get(field) if isinstance(record, dict) else None
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            continue  # malformed ids are reported by the parser
+        key = (type(value), value)
+        if key in first:
+            problems.append(FieldProblem(index=index, field=field, message=(
+                f"duplicate id {value!r} (first in record {first[key]})")))
+        first.setdefault(key, index)
+    return problems
+
+
+# ----------------------------------------------------------------------------- record parsers

@@ -34,9 +34,16 @@ import dataclasses
 import pathlib
 from collections.abc import Callable, Iterable, Sequence
 
-from keedit_jax.data._fields import DatasetError, FieldReader, load_records, read_all
+from keedit_jax.data._fields import (
+    DatasetError,
+    FieldReader,
+    duplicate_ids,
+    load_records,
+    read_all,
+    read_case_id,
+    read_nested,
+)
 from keedit_jax.data.counterfact import CounterFactRecord
-from keedit_jax.data.longform import _case_id, _duplicates, _nested
 from keedit_jax.data.requests import Request
 
 NEIGHBOURS = 5  # neighbourhood prompts per case (CounterFact has 10; the file has 337 cases)
@@ -76,11 +83,11 @@ def _rewrite(case_id: str) -> Callable[[FieldReader], _Rewrite | None]:
 
 def _record(reader: FieldReader) -> list[_Rewrite] | None:
     """Every rewrite of one record, or None once its problems are noted."""
-    case_id = _case_id(reader, "case_id")
+    case_id = read_case_id(reader, "case_id")
     entries = reader.raw("requested_rewrite", list)
     if entries == []:
         reader.note("requested_rewrite", "expected at least 1 item(s), got 0")
-    rewrites = [_nested(reader, f"requested_rewrite[{i}]", entry, _rewrite(f"{case_id}:{i}"))
+    rewrites = [read_nested(reader, f"requested_rewrite[{i}]", entry, _rewrite(f"{case_id}:{i}"))
                 for i, entry in enumerate(entries or [])]
     if reader.problems:
         return None
@@ -137,7 +144,7 @@ def read_akew_mquake_cf(path: str | pathlib.Path,
     """Every distinct rewrite of an AKEW MQuAKE-CF file as a CounterFact case (module table);
     one DatasetError naming the file and each malformed record field or duplicate case_id."""
     records = load_records(path)
-    duplicates = _duplicates(records, "case_id")
+    duplicates = duplicate_ids(records, "case_id")
     try:
         per_record = read_all(path, records, _record)
     except DatasetError as error:

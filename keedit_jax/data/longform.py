@@ -29,7 +29,15 @@ import pathlib
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from keedit_jax.data._fields import DatasetError, FieldProblem, FieldReader, load_records, read_all
+from keedit_jax.data._fields import (
+    DatasetError,
+    FieldReader,
+    duplicate_ids,
+    load_records,
+    read_all,
+    read_case_id,
+    read_nested,
+)
 
 LONGFORM_FORMATS: tuple[str, ...] = (
     "auto", "unkebench", "akew_counterfact", "akew_mquake", "editeverything", "hallucination")
@@ -78,31 +86,6 @@ class AlpacaRecord:
 # ----------------------------------------------------------------------------- field helpers
 
 
-def _case_id(reader: FieldReader, field: str) -> int | str:
-    """An integer or non-empty string id; placeholder 0 after a problem."""
-    value = reader.raw(field, object)
-    if field not in reader.record:
-        return 0  # noted as missing
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        reader.note(field, f"expected an integer or a string, got {type(value).__name__}")
-        return 0
-    if isinstance(value, str) and not value.strip():
-        reader.note(field, "empty string")
-    return value
-
-
-def _nested(reader: FieldReader, field: str, value: Any, parse: Parse[T]) -> T | None:
-    """`parse` on a nested object; its problems land in `reader` under the prefix `field`."""
-    if not isinstance(value, dict):
-        reader.note(field, f"expected an object, got {type(value).__name__}")
-        return None
-    inner = FieldReader(value, reader.index)
-    result = parse(inner)
-    for problem in inner.problems:
-        reader.note(f"{field}.{problem.field}", problem.message)
-    return result
-
-
 def _triplet(reader: FieldReader) -> tuple[str, str]:
     """(sub-question, sub-answer) of one `unsfact_triplets_GPT` entry."""
     subject, prompt = reader.text("subject"), reader.text("prompt", template=True)
@@ -117,33 +100,14 @@ def _triplet(reader: FieldReader) -> tuple[str, str]:
 def _triplet_questions(reader: FieldReader, field: str) -> SubQuestions:
     """(sub-questions, sub-answers) from the first AKEW_SUB_QUESTIONS triplets at `field`."""
     triplets = reader.raw(field, list) or []
-    pairs = [_nested(reader, f"{field}[{i}]", triplet, _triplet)
+    pairs = [read_nested(reader, f"{field}[{i}]", triplet, _triplet)
              for i, triplet in enumerate(triplets[:AKEW_SUB_QUESTIONS])]
     valid = [pair for pair in pairs if pair is not None]
     return tuple(q for q, _ in valid), tuple(a for _, a in valid)
 
 
-def _duplicates(records: list[Any], field: str) -> list[FieldProblem]:
-    """One problem per record whose id an earlier record already has."""
-    first: dict[tuple[type, int | str], int] = {}
-    problems = []
-    for index, record in enumerate(records):
-        value = record.get(field) if isinstance(record, dict) else None
-        if isinstance(value, bool) or not isinstance(value, int | str):
-            continue  # malformed ids are reported by the parser
-        key = (type(value), value)
-        if key in first:
-            problems.append(FieldProblem(index=index, field=field, message=(
-                f"duplicate id {value!r} (first in record {first[key]})")))
-        first.setdefault(key, index)
-    return problems
-
-
-# ----------------------------------------------------------------------------- record parsers
-
-
 def _unkebench(reader: FieldReader) -> LongFormRecord | None:
-    case_id = _case_id(reader, "id")
+    case_id = read_case_id(reader, "id")
     question, paraphrase = reader.text("question"), reader.text("para_question")
     answer = reader.text("answer")
     sub_questions, sub_answers = reader.texts("sub_question"), reader.texts("sub_answer")
@@ -169,11 +133,11 @@ def _akew_rewrite(question_field: str) -> Parse[tuple[str, str, SubQuestions]]:
 
 
 def _akew_counterfact(reader: FieldReader) -> LongFormRecord | None:
-    case_id = _case_id(reader, "case_id")
+    case_id = read_case_id(reader, "case_id")
     paraphrases = reader.texts("paraphrase_prompts", minimum=1)
     value = reader.raw("requested_rewrite", dict)
     rewrite = (None if value is None else
-               _nested(reader, "requested_rewrite", value, _akew_rewrite("prompt_full")))
+               read_nested(reader, "requested_rewrite", value, _akew_rewrite("prompt_full")))
     if reader.problems or rewrite is None:
         return None
     question, answer, (sub_questions, sub_answers) = rewrite
@@ -183,11 +147,11 @@ def _akew_counterfact(reader: FieldReader) -> LongFormRecord | None:
 
 
 def _akew_mquake(reader: FieldReader) -> LongFormRecord | None:
-    case_id = _case_id(reader, "case_id")
+    case_id = read_case_id(reader, "case_id")
     rewrites = reader.raw("requested_rewrite", list)
     if rewrites == []:
         reader.note("requested_rewrite", "expected at least 1 item(s), got 0")
-    rewrite = (_nested(reader, "requested_rewrite[0]", rewrites[0], _akew_rewrite("question"))
+    rewrite = (read_nested(reader, "requested_rewrite[0]", rewrites[0], _akew_rewrite("question"))
                if rewrites else None)
     if reader.problems or rewrite is None:
         return None
@@ -197,7 +161,7 @@ def _akew_mquake(reader: FieldReader) -> LongFormRecord | None:
 
 
 def _editevery(reader: FieldReader) -> LongFormRecord | None:
-    case_id = _case_id(reader, "id")
+    case_id = read_case_id(reader, "id")
     question, answer = reader.text("question"), reader.text("answer")
     category = reader.text("category")
     if reader.problems:
@@ -237,7 +201,7 @@ def _read(path: str | pathlib.Path, records: list[Any],
           format: str) -> tuple[LongFormRecord, ...]:
     """Every record parsed; one DatasetError with the field problems and duplicate ids."""
     parse, id_field = _PARSERS[format]
-    duplicates = _duplicates(records, id_field) if id_field else []
+    duplicates = duplicate_ids(records, id_field) if id_field else []
     try:
         items = read_all(path, records, parse)
     except DatasetError as error:
