@@ -243,13 +243,11 @@ def test_real_file_reads_into_its_distinct_rewrites() -> None:
 @pytest.mark.slow
 def test_structured_run_on_the_small_file(tmp_path: pathlib.Path, small_file: pathlib.Path,
                                           tiny_checkpoint: Any, tiny_tokenizer_dir: Any) -> None:
-    from test_main import model_directory, run_main
+    from test_main import model_directory, run_main, varied_text
 
     model = model_directory(tmp_path, tiny_checkpoint("llama"), tiny_tokenizer_dir)
-    text = tmp_path / "text.txt"
-    words = "Alice Bob Carla Dan is a citizen of born in Freedonia Sylvania the head".split()
-    rng = np.random.default_rng(0)  # varied text, so E[kkᵀ] has full rank
-    text.write_text("\n\n".join(" ".join(rng.choice(words, 16)) for _ in range(64)))
+    text = varied_text(tmp_path, "Alice Bob Carla Dan is a citizen of born in "
+                                 "Freedonia Sylvania the head")
     out = tmp_path / "out"
     result = run_main(f"--model={model}", "--method=memit", f"--dataset={small_file}",
                       "--dataset_format=akew_mquake_cf", "--num_edits=4",

@@ -39,6 +39,16 @@ def model_directory(tmp_path: pathlib.Path, checkpoint: pathlib.Path,
     return model
 
 
+def varied_text(tmp_path: pathlib.Path, words: str) -> pathlib.Path:
+    """A --stats_source text of 64 random 16-word documents, so E[kkᵀ] has full rank."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(" ".join(rng.choice(words.split(), 16)) for _ in range(64)))
+    return text
+
+
 def test_unknown_method(tmp_path):
     assert_clean_error(run_main("--method=rome", cache=tmp_path), "--method='rome' is unknown")
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from test_main import model_directory, run_main
+from test_main import model_directory, run_main, varied_text
 
 
 def _zsre(subject: str, question: str) -> dict:
@@ -25,10 +24,8 @@ def test_unencodable_record_is_skipped_and_reported(tmp_path, tiny_checkpoint,
     dataset.write_text(json.dumps([_zsre("The Eiffel Tower", "Where is The Eiffel Tower?"),
                                    _zsre("é", "Where is é?"),
                                    _zsre("Marie Curie", "Where was Marie Curie born?")]))
-    text = tmp_path / "text.txt"
-    words = "the capital of France is Paris Rome Japan tower river old new city born".split()
-    rng = np.random.default_rng(0)  # varied text, so E[kkᵀ] has full rank
-    text.write_text("\n\n".join(" ".join(rng.choice(words, 16)) for _ in range(64)))
+    text = varied_text(tmp_path, "the capital of France is Paris Rome Japan tower river "
+                                 "old new city born")
     out = tmp_path / "out"
     result = run_main(f"--model={model}", "--method=memit", f"--dataset={dataset}",
                       "--dataset_format=zsre", "--num_edits=3", "--edit_batch_size=1",
