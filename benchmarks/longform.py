@@ -73,28 +73,35 @@ def rows_of(dataset: str, names: list[str], groups: tuple[str, ...]) -> list[dic
     return rows
 
 
-def per_record(results: dict, group: str, metric: str) -> dict[int, float]:
-    """A run's post-edit `metric` per record (Sub: the mean of its sub-questions)."""
+def per_record(results: dict, group: str, metric: str, stage: str = "post") -> dict[int, float]:
+    """A run's `metric` per record at `stage` (pre or post; Sub: the mean of its sub-questions)."""
     values: dict[int, list[float]] = {}
-    for row in results["answers"]["post"]:
+    for row in results["answers"][stage]:
         if row["group"] == group and metric in row:
             values.setdefault(row["record"], []).append(row[metric])
     return {record: sum(v) / len(v) for record, v in values.items()}
 
 
-def paired(dataset: str, a: str, b: str, group: str, metric: str) -> dict | None:
-    """Mean per-record difference a − b (×100) with its standard error, over shared records."""
-    paths = [run_dir(dataset, name) / "results.json" for name in (a, b)]
-    if not all(p.exists() for p in paths):
-        return None
-    first, second = (per_record(json.loads(p.read_text()), group, metric) for p in paths)
+def paired_difference(first: dict[int, float], second: dict[int, float]) -> dict | None:
+    """Mean per-record difference first − second (×100), its standard error and the number of
+    shared records; None below two."""
     diffs = [100 * (first[r] - second[r]) for r in first if r in second]
     if len(diffs) < 2:
         return None
     mean = sum(diffs) / len(diffs)
     se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
-    return {"comparison": f"{a} − {b}", "group": group, "metric": metric,
-            "mean difference": mean, "SE": se, "records": len(diffs)}
+    return {"mean difference": mean, "SE": se, "records": len(diffs)}
+
+
+def paired(dataset: str, a: str, b: str, group: str, metric: str) -> dict | None:
+    """`paired_difference` of two runs' post-edit `metric`."""
+    paths = [run_dir(dataset, name) / "results.json" for name in (a, b)]
+    if not all(p.exists() for p in paths):
+        return None
+    first, second = (per_record(json.loads(p.read_text()), group, metric) for p in paths)
+    difference = paired_difference(first, second)
+    return difference and {"comparison": f"{a} − {b}", "group": group, "metric": metric,
+                           **difference}
 
 
 def comparisons(dataset: str, groups: tuple[str, ...]) -> list[dict]:

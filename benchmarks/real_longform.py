@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.longform import per_record
+from benchmarks.longform import paired_difference, per_record
 from keedit_jax.results import markdown_table
 
 OUT = Path("benchmarks/results/real_smollm2")
@@ -34,22 +33,10 @@ def run(name: str) -> None:
                        check=True)
 
 
-def mean_se(diffs: list[float]) -> tuple[float, float]:
-    mean = sum(diffs) / len(diffs)
-    return mean, math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
-
-
-def pre_record(results: dict, group: str, metric: str) -> dict[int, float]:
-    """per_record on the pre-edit answers."""
-    return per_record({"answers": {"post": results["answers"]["pre"]}}, group, metric)
-
-
-def paired_rows(a: dict[int, float], b: dict[int, float], label: str, group: str,
-                metric: str) -> dict[str, object]:
-    shared = sorted(set(a) & set(b))
-    mean, se = mean_se([100 * (a[r] - b[r]) for r in shared])
-    return {"comparison": label, "group": group, "metric": metric, "mean difference": mean,
-            "SE": se, "records": len(shared)}
+def paired_row(a: dict[int, float], b: dict[int, float], label: str, group: str,
+               metric: str) -> dict[str, object] | None:
+    difference = paired_difference(a, b)
+    return difference and {"comparison": label, "group": group, "metric": metric, **difference}
 
 
 def main() -> None:
@@ -78,11 +65,10 @@ def main() -> None:
             post = {name: per_record(r, group, metric) for name, r in results.items()}
             if not all(post.values()):
                 continue
-            for name, r in results.items():
-                pairs.append(paired_rows(post[name], pre_record(r, group, metric),
-                                         f"{name} post − pre", group, metric))
-            pairs.append(paired_rows(post["μKE"], post["AnyEdit"], "μKE − AnyEdit", group,
-                                     metric))
+            rows = [paired_row(post[name], per_record(r, group, metric, "pre"),
+                               f"{name} post − pre", group, metric) for name, r in results.items()]
+            rows.append(paired_row(post["μKE"], post["AnyEdit"], "μKE − AnyEdit", group, metric))
+            pairs += [row for row in rows if row]
     (OUT / "longform_summary.json").write_text(json.dumps({"table": table, "paired": pairs},
                                                           indent=2))
     text = markdown_table(table) + "\n" + markdown_table(pairs)

@@ -8,8 +8,8 @@ evaluated after every batch), run by hand one at a time on the CPU, e.g.
         --dataset=/path/to/zsre_mend_edit.json --general_tasks=/path/to/glue
 
 This script only reads what the runs left in benchmarks/results/real_smollm2/seq/<method>/:
-results.json of a finished run or, for a run stopped early, the metrics saved with its latest
-stream checkpoint (checkpoints/<step>/meta), and `time.txt` (GNU time -v: wall time, peak RSS).
+results.json of a finished run or, for a run stopped early, its partial.json (the curve and
+batch times, rewritten after every batch), and `time.txt` (GNU time -v: wall time, peak RSS).
 It writes summary.{json,md} (the final table: the edits so far after the last batch done, per
 method, and s/edit; then every evaluation point) and curves.png.
 
@@ -43,19 +43,7 @@ EDIT_METRICS = ("efficacy", "generalisation", "specificity")
 DRIFT_METRICS = ("perplexity", "top1_agreement")
 TASKS = ("sst2", "mrpc", "cola", "rte", "nli", "mmlu")
 BATCH = 50
-
-
-def latest_checkpoint_meta(directory: Path) -> dict[str, Any] | None:
-    """The metrics saved with the latest complete stream checkpoint (orbax's JSON `meta`)."""
-    steps = sorted((int(p.name), p) for p in (directory / "checkpoints").glob("[0-9]*")
-                   if p.name.isdigit())
-    for _, step in reversed(steps):
-        for file in sorted((step / "meta").glob("*")):
-            try:
-                return json.loads(file.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
-                continue
-    return None
+EDITS = 300
 
 
 def gnu_time(file: Path) -> dict[str, Any]:
@@ -73,9 +61,12 @@ def gnu_time(file: Path) -> dict[str, Any]:
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     if rss:
         out["peak_rss_gib"] = round(int(rss.group(1)) / 2**20, 2)
+    killed = re.search(r"Command terminated by signal (\d+)", text)
     status = re.search(r"Exit status: (\d+)", text)
-    if status:
-        out["exit_status"] = int(status.group(1))
+    if killed:  # GNU time then reports "Exit status: 0"
+        out["ended"] = f"signal {killed.group(1)}"
+    elif status:
+        out["ended"] = f"exit {status.group(1)}"
     return out
 
 
@@ -85,10 +76,11 @@ def load(directory: Path) -> dict[str, Any] | None:
     if results.exists():
         data = json.loads(results.read_text())
         return {"curve": data["curve"], "seconds": data["seconds_per_batch"], "complete": True}
-    meta = latest_checkpoint_meta(directory)
-    if meta is None:
+    partial = directory / "partial.json"
+    if not partial.exists():
         return None
-    return {"curve": meta["history"], "seconds": meta["seconds"], "complete": False}
+    data = json.loads(partial.read_text())
+    return {"curve": data["curve"], "seconds": data["seconds_per_batch"], "complete": False}
 
 
 def rounded(value: Any) -> Any:
@@ -119,7 +111,7 @@ def summary(root: Path) -> tuple[list[dict], list[dict], dict[str, list]]:
             "s/edit first batch": round(seconds[0] / BATCH, 2) if seconds else None,
             **gnu_time(root / name / "time.txt"),
             "status": "complete" if run["complete"] else
-                      f"partial: {len(seconds)} of 6 batches (stream checkpoint)"})
+                      f"partial: {len(seconds)} of {EDITS // BATCH} batches"})
         points += [{"method": label, **{k: rounded(v) for k, v in p.items()},
                     "batch_s": round(seconds[p["edits"] // BATCH - 1], 1)
                     if 0 < p["edits"] <= BATCH * len(seconds) else ""} for p in curve]

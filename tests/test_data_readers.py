@@ -133,6 +133,7 @@ CF_BREAKS = [
     ("wrong type", "case_id", "seven", "expected an integer"),
     ("wrong type", "paraphrase_prompts", "a prompt", "expected a list"),
     ("no braces", "requested_rewrite.prompt", "The mother tongue is", "exactly one '{}'"),
+    ("stray braces", "requested_rewrite.prompt", "{} speaks {lang}", "braces besides"),
     ("empty target", "requested_rewrite.target_new.str", "  ", "empty string"),
     ("empty target", "requested_rewrite.target_true.str", "", "empty string"),
 ]

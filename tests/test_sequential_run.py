@@ -105,6 +105,10 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(stream_inputs
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (killed / "results.json").exists()
+    partial = json.loads((killed / "partial.json").read_text())  # batch 1 at least, readable
+    curve, applied = partial["curve"], partial["applied_case_ids"]
+    assert curve and curve == expected["curve"][:len(curve)]  # evaluated every few batches
+    assert applied and applied == expected["applied_case_ids"][:len(applied)]
 
     resumed = run_main(*stream_args(stream_inputs, killed, conflicts),
                        cache=stream_inputs["cache"])

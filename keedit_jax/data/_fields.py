@@ -95,7 +95,8 @@ class FieldReader:
         return value
 
     def text(self, field: str, *, template: bool = False) -> str:
-        """A non-empty string; with `template`, one that holds exactly one "{}" (anchors §8)."""
+        """A non-empty string; with `template`, one that holds exactly one "{}" and no other braces
+        (anchors §8), so that `str.format` fills it."""
         value = self.raw(field, str)
         if value is None:
             return ""
@@ -121,6 +122,8 @@ class FieldReader:
             self.note(field, "empty string")
         elif template and value.count("{}") != 1:
             self.note(field, f"{value!r} must contain exactly one '{{}}' for the subject")
+        elif template and ("{" in value.replace("{}", "") or "}" in value.replace("{}", "")):
+            self.note(field, f"{value!r} has braces besides '{{}}', which break format")
         return value
 
 
@@ -178,6 +181,3 @@ def duplicate_ids(records: list[Any], field: str) -> list[FieldProblem]:
                 f"duplicate id {value!r} (first in record {first[key]})")))
         first.setdefault(key, index)
     return problems
-
-
-# ----------------------------------------------------------------------------- record parsers

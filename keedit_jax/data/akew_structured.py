@@ -65,8 +65,6 @@ def _rewrite(case_id: str) -> Callable[[FieldReader], _Rewrite | None]:
 
     def parse(reader: FieldReader) -> _Rewrite | None:
         prompt = reader.text("prompt", template=True)
-        if "{" in prompt.replace("{}", "") or "}" in prompt.replace("{}", ""):
-            reader.note("prompt", f"{prompt!r} has braces besides '{{}}', which break format")
         fields = {"subject": reader.text("subject"),
                   "target_new": reader.text("target_new.str"),
                   "target_true": reader.text("target_true.str")}

@@ -90,8 +90,6 @@ def _triplet(reader: FieldReader) -> tuple[str, str]:
     """(sub-question, sub-answer) of one `unsfact_triplets_GPT` entry."""
     subject, prompt = reader.text("subject"), reader.text("prompt", template=True)
     target = reader.text("target")
-    if "{" in prompt.replace("{}", "") or "}" in prompt.replace("{}", ""):
-        reader.note("prompt", f"{prompt!r} has braces besides '{{}}', which break format")
     if reader.problems:
         return "", target
     return prompt.format(subject), target
@@ -104,6 +102,9 @@ def _triplet_questions(reader: FieldReader, field: str) -> SubQuestions:
              for i, triplet in enumerate(triplets[:AKEW_SUB_QUESTIONS])]
     valid = [pair for pair in pairs if pair is not None]
     return tuple(q for q, _ in valid), tuple(a for _, a in valid)
+
+
+# ----------------------------------------------------------------------------- record parsers
 
 
 def _unkebench(reader: FieldReader) -> LongFormRecord | None:

@@ -28,6 +28,7 @@ log-compression of W_T − W₀ against σ_max(W₀) after the last batch (§3.5
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -50,6 +51,7 @@ from keedit_jax.eval.structured import (
     prefetched,
     summarize,
 )
+from keedit_jax.files import atomic_write
 from keedit_jax.flags import (
     DataFlags,
     EditFlags,
@@ -382,6 +384,7 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
             logging.info("after %d edits: %s", done, point)
         if (index + 1) % seq.checkpoint_every == 0 or last:
             store.save(index + 1, stream_state(), progress)
+        save_progress(Path(run.output_dir), progress)
     store.close()
     if editor.prune_at_end:
         params = prune_total_update(params, original, path, config.layers)
@@ -400,6 +403,17 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
                        metrics, results["title"])
     results["plot"] = str(plot) if plot else None
     return results
+
+
+def save_progress(output: Path, progress: Mapping[str, Any]) -> None:
+    """The curve and batch times so far as partial.json, rewritten after each batch: a run
+    stopped later keeps its figures readable without the checkpoints."""
+    if parallel.is_primary():
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_write(output / "partial.json", json.dumps(
+            {"curve": progress["history"], "seconds_per_batch": progress["seconds"],
+             "applied_case_ids": [c for batch in progress["applied"] for c in batch]},
+            indent=1, default=str))
 
 
 def report(edit: EditFlags, seq: SequentialFlags, records: Sequence[Any],
