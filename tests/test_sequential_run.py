@@ -210,3 +210,25 @@ def test_error_correction_switches_the_family_member():
     assert not ablation.error_correction and ablation.ridge == 0.0 and ablation.accumulate_keys
     naive = make_editor("memit", StructuredFlags(), SequentialFlags(post_processing="rect"))
     assert not naive.hparams.accumulate_keys
+
+
+def test_the_streams_first_batch_is_the_one_time_memit_edit(stream_inputs, tmp_path):
+    """MEMIT-seq's carried key Gram starts at zero, so its first batch solves MEMIT's normal
+    equations on the unedited model: the sequential runner must reach, request by request,
+    what the one-time command reaches with the same flags (templates included: it once
+    ignored --context_seeds and optimised every target under six templates)."""
+    runs = {}
+    for method, extra in (("memit_seq", ()), ("memit", ("--nosequential",))):
+        out = tmp_path / method
+        args = [a for a in stream_args(stream_inputs, out, f"--num_edits={BATCH}")
+                if not a.startswith("--method")]
+        result = run_main(f"--method={method}", "--context_seeds=", *extra, *args,
+                          cache=stream_inputs["cache"])
+        assert result.returncode == 0, result.stderr
+        runs[method] = json.loads((out / "results.json").read_text())
+    assert runs["memit_seq"]["templates"] == ["{}"]
+    stream, once = (runs[m]["diagnostics"]["requests"] for m in ("memit_seq", "memit"))
+    assert [r["case_id"] for r in stream] == [r["case_id"] for r in once] == list(range(BATCH))
+    for key in ("target_prob_last", "target_prob_edited", "realised", "delta_norm"):
+        np.testing.assert_allclose([r[key] for r in stream], [r[key] for r in once],
+                                   rtol=1e-4, atol=1e-6, err_msg=key)

@@ -65,8 +65,12 @@ from keedit_jax.methods.general_probe import GeneralProbe
 from keedit_jax.methods.metake import MetaKEConfig, metake_refiner
 from keedit_jax.methods.run_structured import (
     consistency_files,
+    diagnostics_summary,
+    encodable,
     greedy_generate_fn,
     load_structured_run,
+    log_batch,
+    run_templates,
     solver_statistics,
     structured_config,
     unedited_neighbours,
@@ -76,7 +80,6 @@ from keedit_jax.models.checkpoint import export_gguf
 from keedit_jax.models.params import Params, down_proj_path, get_path, set_path
 from keedit_jax.plots import CURVE_METRICS, plot_curves
 from keedit_jax.stream_checkpoint import StreamCheckpoints, run_fingerprint
-from keedit_jax.upstream import context_templates
 
 # What each solver reads per layer: E[kkᵀ], the projector P, or both (OteStats).
 StatsKind = str
@@ -315,23 +318,28 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
     solver = in_float64(editor.solver) if seq.solve_dtype == "float64" else editor.solver
     loaded = load_structured_run(checkpoint, model, data, flags)
     cfg, original, tokenizer = loaded.cfg, loaded.params, loaded.tokenizer
-    records = unedited_neighbours([loaded.records])[0]  # the stream edits every subject
     config = structured_config("memit", flags, cfg.n_layers)
+    templates = run_templates(original, cfg, tokenizer, flags, run.seed)
+    logging.info("context templates %s", templates)
+    failed = dict(loaded.failed)
+    records = encodable(loaded.records, tokenizer, templates, config.target, failed)
+    records = unedited_neighbours([records])[0]  # the stream edits every subject
     stats = solver_statistics(loaded.moments, editor.stats_kind, flags.nullspace_threshold)
     refine = None if editor.metake is None else metake_refiner(
         editor.metake, cfg, config.target, stats, config.layers, editor.hparams)
-    templates = context_templates(original, cfg, tokenizer, jax.random.key(run.seed))
     probe = GeneralProbe.build(original, cfg, tokenizer, seq, drift_source=loaded.source,
                                skip=flags.stats_samples)
     path = down_proj_path(cfg)
     batches = [records[i:i + edit.edit_batch_size]
                for i in range(0, len(records), edit.edit_batch_size)]
     resolved = {name: dataclasses.asdict(c) for name, c in configs.items()}
+    resolved["templates"] = {"texts": list(templates)}  # sampled: the flags alone do not fix them
     store = StreamCheckpoints(seq.checkpoint_dir or Path(run.output_dir) / "checkpoints",
                               run_fingerprint(resolved))
     params, states = original, downstream.init_states(solver, config.layers, cfg.d_ff,
                                                       cfg.d_model)
-    progress: dict[str, Any] = {"history": [], "applied": [], "seconds": [], "slots": {}}
+    progress: dict[str, Any] = {"history": [], "applied": [], "seconds": [], "slots": {},
+                                "diagnostics": []}
     registry = FactRegistry.empty(len({fact_key(r) for r in records}), config.layers,
                                   cfg.d_ff, cfg.d_model) if seq.resolve_conflicts else None
 
@@ -371,9 +379,10 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
         jax.block_until_ready(params)
         progress["seconds"].append(time.perf_counter() - began)
         progress["applied"].append([r.case_id for r in batch])
+        progress["diagnostics"].extend(diagnostics["requests"])
         done = sum(map(len, progress["applied"]))
-        logging.info("%s: batch %d/%d, %d edits done, %.1f s (%.2f edits/s)", edit.method,
-                     index + 1, len(batches), done, progress["seconds"][-1],
+        log_batch(index + 1, len(batches), diagnostics["requests"], progress["seconds"][-1])
+        logging.info("%s: %d edits done (%.2f edits/s)", edit.method, done,
                      len(batch) / progress["seconds"][-1])
         last = index + 1 == len(batches)
         if (index + 1) % seq.eval_every == 0 or last:
@@ -398,6 +407,7 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
                                   max_new_tokens=run.max_new_tokens,
                                   consistency=consistency_files(flags)))
     results = report(edit, seq, records, progress, final, probe(params))
+    results.update(templates=list(templates), failed={str(k): v for k, v in failed.items()})
     metrics = CURVE_METRICS + tuple(f"{task}_f1" for task in probe.tasks)
     plot = plot_curves({edit.method: progress["history"]}, Path(run.output_dir) / "curves.png",
                        metrics, results["title"])
@@ -429,4 +439,6 @@ def report(edit: EditFlags, seq: SequentialFlags, records: Sequence[Any],
             "seconds_per_batch": seconds,
             "seconds_per_edit_steady": float(np.mean(seconds[1:] or seconds))
             / edit.edit_batch_size,
-            "post_processing": seq.post_processing}
+            "post_processing": seq.post_processing,
+            "diagnostics": {"summary": diagnostics_summary(progress["diagnostics"]),
+                            "requests": progress["diagnostics"]}}
