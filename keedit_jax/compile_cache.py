@@ -16,7 +16,7 @@ import jax
 from keedit_jax.organism.build import cache_root
 
 OFF = "off"
-MIN_COMPILE_SECONDS = 0.5  # programs that compile faster are not worth a disk read
+MIN_COMPILE_SECONDS = 0.0  # every program: a short run compiles many small ones (benchmarks)
 
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,14 @@ from keedit_jax.compile_cache import enable_compilation_cache
 from keedit_jax.data import DatasetError
 from keedit_jax.downstream import SolveError
 from keedit_jax.methods import check_method_flags, get_method
-from keedit_jax.models import CheckpointError, ConfigError, config_from_hf, gguf, read_hf_config
+from keedit_jax.models import (
+    CheckpointError,
+    ConfigError,
+    LayerError,
+    config_from_hf,
+    gguf,
+    read_hf_config,
+)
 from keedit_jax.models.tokenizer import TokenizerMismatchError
 from keedit_jax.results import write_results
 from keedit_jax.stats import TextSourceError
@@ -37,7 +45,23 @@ run_flags.define_flags()
 USER_ERRORS = (CheckpointError, ConfigError, gguf.GGUFError, TokenizerMismatchError, DatasetError,
                TextSourceError, EncodingError, SolveError, NonFiniteShiftError,
                CheckpointMismatchError, parallel.MeshError, FileNotFoundError, PermissionError,
-               IndexError)
+               LayerError)
+
+
+class Terminated(Exception):  # noqa: N818 (a signal, not an error)
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def interrupted_line(signame: str, output: Path) -> str:
+    """What was kept when a run is stopped: a sequential run resumes from its last checkpoint,
+    a one-time run's finished batches are in partial.json."""
+    return (f"interrupted by {signame}: the batch in progress is abandoned; finished work is in "
+            f"{output} (partial.json; a sequential run resumes from its last checkpoint when "
+            "the same command is run again)")
 
 
 def resolve_model(model: run_flags.ModelFlags) -> Path:
@@ -73,6 +97,7 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {err}")
     _log_environment(configs, layout.mesh)
     started = time.perf_counter()
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         checkpoint = resolve_model(model)
         cfg = config_from_hf(read_hf_config(checkpoint), str(checkpoint / "config.json"))
@@ -83,6 +108,12 @@ def main(argv: list[str]) -> None:
             results = method(checkpoint=checkpoint, configs=configs)
     except USER_ERRORS as err:  # bad input: one clear line, no traceback
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        print(interrupted_line("SIGINT", output), file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except Terminated:
+        print(interrupted_line("SIGTERM", output), file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     results["seconds"] = round(time.perf_counter() - started, 1)
     if parallel.is_primary():  # every process computed the same results
         resolved = {name: dataclasses.asdict(cfg) for name, cfg in configs.items()}

@@ -9,7 +9,7 @@ import pathlib
 
 import pytest
 
-from keedit_jax.models import ConfigError, config_from_hf
+from keedit_jax.models import ConfigError, config_from_hf, read_hf_config
 from keedit_jax.testing import PUBLISHED_CONFIGS
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -74,3 +74,28 @@ def test_conversion_bookkeeping_is_accepted():
 def test_computation_changing_keys_are_refused_by_name(base, change, key):
     with pytest.raises(ConfigError, match=key):
         config_from_hf({**PUBLISHED[base], **change}, base)
+
+
+@pytest.mark.parametrize(("base", "change", "message"), [
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", {"hidden_size": None},
+     "the required key 'hidden_size' is missing"),
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", {"num_hidden_layers": "four"},
+     "num_hidden_layers='four' must be a positive integer"),
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", {"num_attention_heads": 0},
+     "num_attention_heads=0 must be a positive integer"),
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", {"num_key_value_heads": 0},
+     "num_key_value_heads=0 must be a positive integer"),
+    ("gpt2", {"n_embd": 76.5}, "n_embd=76.5 must be a positive integer"),
+    ("EleutherAI/gpt-j-6b", {"n_layer": True}, "n_layer=True must be a positive integer"),
+])
+def test_missing_or_impossible_sizes_are_named(base, change, message):
+    hf = {k: v for k, v in {**PUBLISHED[base], **change}.items() if v is not None}
+    with pytest.raises(ConfigError, match=f"^{base}: {message}".replace("(", r"\(")):
+        config_from_hf(hf, base)
+
+
+def test_a_config_that_is_not_an_object_is_named(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"config\.json: a config must be a JSON object, got a "
+                                          "list"):
+        read_hf_config(tmp_path)

@@ -197,3 +197,21 @@ def test_unreadable_files(tmp_path: pathlib.Path) -> None:
         read_zsre(tmp_path / "dict.json")
     with pytest.raises(DatasetError, match="bad.json: cannot read JSON"):
         read_counterfact(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("fmt", ["counterfact", "zsre", "akew_mquake_cf"])
+def test_an_empty_file_is_refused_by_name(tmp_path: pathlib.Path, fmt: str) -> None:
+    with pytest.raises(DatasetError, match=r"empty\.json: the file holds no records"):
+        read_dataset(_write(tmp_path, []).rename(tmp_path / "empty.json"), fmt)
+
+
+def test_a_repeated_counterfact_case_id_names_both_records(
+        organism_files: dict[str, pathlib.Path], tmp_path: pathlib.Path) -> None:
+    records = copy.deepcopy(_raw(organism_files["counterfact"]))[:5]
+    records[3]["case_id"] = records[1]["case_id"]
+    records[4]["requested_rewrite"]["subject"] = 5  # reported with it, in record order
+    with pytest.raises(DatasetError) as error:
+        read_counterfact(_write(tmp_path, records))
+    assert [(p.index, p.field) for p in error.value.problems] == [
+        (3, "case_id"), (4, "requested_rewrite.subject")]
+    assert f"duplicate id {records[1]['case_id']!r} (first in record 1)" in str(error.value)

@@ -81,6 +81,36 @@ def edited(out: pathlib.Path) -> dict[str, np.ndarray]:
     return load_file(out / "edited_layers.safetensors")
 
 
+def stopped_after_checkpoint(inputs, out: pathlib.Path, step: int, signum: int,
+                             *extra: str) -> tuple[int, str]:
+    """A sequential run sent `signum` once its checkpoint of batch `step` exists: its exit
+    status and stderr (through a file: a pipe left unread could block the run's logging)."""
+    env = {**os.environ, "KEEDIT_CACHE": str(inputs["cache"]), "JAX_PLATFORMS": "cpu"}
+    log = out.with_name(f"{out.name}.stderr")
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "keedit_jax.main",
+                                    *stream_args(inputs, out, *extra)], cwd=ROOT, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints" / str(step)).is_dir() and process.poll() is None:
+            assert time.monotonic() < deadline, f"no checkpoint of batch {step} appeared"
+            time.sleep(0.02)
+        process.send_signal(signum)
+        process.wait()
+    return process.returncode, log.read_text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_end_a_stream_with_one_line_and_its_checkpoint(
+        stream_inputs, tmp_path, signum):
+    out = tmp_path / "out"
+    returncode, stderr = stopped_after_checkpoint(stream_inputs, out, 1, signum)
+    assert returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr, stderr
+    assert f"interrupted by {signal.Signals(signum).name}" in stderr
+    assert (out / "checkpoints" / "1").is_dir() and not (out / "results.json").exists()
+
+
 def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(stream_inputs, tmp_path):
     """With conflict resolution on, so the per-fact registry is checkpointed and restored too;
     the repeated fact's earlier value is removed exactly once."""
@@ -92,18 +122,8 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_run(stream_inputs
     assert expected["applied_case_ids"] == list(range(N_EDITS))
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "KEEDIT_CACHE": str(stream_inputs["cache"]), "JAX_PLATFORMS": "cpu"}
-    process = subprocess.Popen([sys.executable, "-m", "keedit_jax.main",
-                                *stream_args(stream_inputs, killed, conflicts)], cwd=ROOT,
-                               env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while not (killed / "checkpoints" / "2").is_dir() and process.poll() is None:
-        assert time.monotonic() < deadline, "no checkpoint of batch 2 appeared"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    returncode, _ = stopped_after_checkpoint(stream_inputs, killed, 2, signal.SIGKILL, conflicts)
+    assert returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (killed / "results.json").exists()
     partial = json.loads((killed / "partial.json").read_text())  # batch 1 at least, readable
     curve, applied = partial["curve"], partial["applied_case_ids"]

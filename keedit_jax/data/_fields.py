@@ -128,16 +128,20 @@ class FieldReader:
 
 
 def read_all(path: str | pathlib.Path, records: Sequence[Any],
-             parse: Callable[[FieldReader], Any]) -> tuple[Any, ...]:
-    """`parse(FieldReader) -> item` over every record; raise once if any field was malformed."""
-    items, problems = [], []
+             parse: Callable[[FieldReader], Any], id_field: str | None = None
+             ) -> tuple[Any, ...]:
+    """`parse(FieldReader) -> item` over every record; raise once, in record order, if any
+    field was malformed or (with `id_field`) an id repeats; an empty file is refused too."""
+    if not records:
+        raise DatasetError(path, message="the file holds no records (an empty list)")
+    items, problems = [], duplicate_ids(list(records), id_field) if id_field else []
     for index, record in enumerate(records):
         reader = FieldReader(record, index)
         item = parse(reader) if isinstance(record, dict) else None
         problems.extend(reader.problems)
         items.append(item)
     if problems:
-        raise DatasetError(path, problems)
+        raise DatasetError(path, sorted(problems, key=lambda p: p.index))
     return tuple(items)
 
 

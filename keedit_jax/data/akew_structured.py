@@ -35,9 +35,7 @@ import pathlib
 from collections.abc import Callable, Iterable, Sequence
 
 from keedit_jax.data._fields import (
-    DatasetError,
     FieldReader,
-    duplicate_ids,
     load_records,
     read_all,
     read_case_id,
@@ -141,15 +139,7 @@ def read_akew_mquake_cf(path: str | pathlib.Path,
                         neighbours: int = NEIGHBOURS) -> tuple[CounterFactRecord, ...]:
     """Every distinct rewrite of an AKEW MQuAKE-CF file as a CounterFact case (module table);
     one DatasetError naming the file and each malformed record field or duplicate case_id."""
-    records = load_records(path)
-    duplicates = duplicate_ids(records, "case_id")
-    try:
-        per_record = read_all(path, records, _record)
-    except DatasetError as error:
-        raise DatasetError(path, sorted([*error.problems, *duplicates],
-                                        key=lambda p: p.index)) from None
-    if duplicates:
-        raise DatasetError(path, duplicates)
+    per_record = read_all(path, load_records(path), _record, "case_id")
     rewrites = distinct(r for rs in per_record for r in rs)
     return tuple(_case(rewrites, i, neighbours) for i in range(len(rewrites)))
 

@@ -103,4 +103,4 @@ def _parse(reader: FieldReader) -> CounterFactRecord | None:
 
 def read_counterfact(path: str | pathlib.Path) -> tuple[CounterFactRecord, ...]:
     """Every record of a CounterFact or MCF file; DatasetError listing each malformed field."""
-    return read_all(path, load_records(path), _parse)
+    return read_all(path, load_records(path), _parse, "case_id")

@@ -32,7 +32,6 @@ from typing import Any, TypeVar
 from keedit_jax.data._fields import (
     DatasetError,
     FieldReader,
-    duplicate_ids,
     load_records,
     read_all,
     read_case_id,
@@ -202,15 +201,7 @@ def _read(path: str | pathlib.Path, records: list[Any],
           format: str) -> tuple[LongFormRecord, ...]:
     """Every record parsed; one DatasetError with the field problems and duplicate ids."""
     parse, id_field = _PARSERS[format]
-    duplicates = duplicate_ids(records, id_field) if id_field else []
-    try:
-        items = read_all(path, records, parse)
-    except DatasetError as error:
-        problems = sorted([*error.problems, *duplicates], key=lambda p: p.index)
-        raise DatasetError(path, problems) from None
-    if duplicates:
-        raise DatasetError(path, duplicates)
-    return items
+    return read_all(path, records, parse, id_field)
 
 
 def _select(path: str | pathlib.Path, items: tuple[LongFormRecord, ...],

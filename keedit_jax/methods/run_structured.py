@@ -135,6 +135,13 @@ def encodable(records: Sequence[Any], tokenizer: Any, templates: Sequence[str],
     return [r for r in records if r.case_id not in found]
 
 
+def warn_if_fewer(dataset: str | Path, available: int, requested: int) -> None:
+    """--num_edits beyond the file's records runs them all, and says so."""
+    if requested > available:
+        logging.warning("--num_edits=%d but %s holds %d records: all %d are edited",
+                        requested, dataset, available, available)
+
+
 def load_structured_run(checkpoint: Path, model: ModelFlags, data: DataFlags,
                         flags: StructuredFlags) -> StructuredRun:
     """Load everything; the records are checked against the bare prompt before the
@@ -142,7 +149,9 @@ def load_structured_run(checkpoint: Path, model: ModelFlags, data: DataFlags,
     lm = load_model(checkpoint, jnp.dtype(model.dtype), parallel.model_shardings)
     tokenizer = load_tokenizer(checkpoint, lm.config)
     dataset = data.dataset or str(checkpoint / ORGANISM_DATASETS.get(data.dataset_format, ""))
-    records = list(read_dataset(dataset, data.dataset_format)[: data.num_edits])
+    records = list(read_dataset(dataset, data.dataset_format))
+    warn_if_fewer(dataset, len(records), data.num_edits)
+    records = records[: data.num_edits]
     failed: dict[int | str, str] = {}
     records = encodable(records, tokenizer, ("{}",),
                         structured_config("memit", flags, lm.config.n_layers).target, failed)

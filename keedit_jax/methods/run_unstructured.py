@@ -56,7 +56,7 @@ from keedit_jax.flags import (
     RunFlags,
     StructuredFlags,
 )
-from keedit_jax.methods.run_structured import layer_statistics, stats_source
+from keedit_jax.methods.run_structured import layer_statistics, stats_source, warn_if_fewer
 from keedit_jax.methods.unstructured import METHOD_PARTS, UnstructuredConfig, edit_longform
 from keedit_jax.models import GenerationConfig, generate, load_model
 from keedit_jax.models.generate import bucket, left_pad
@@ -372,8 +372,9 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
                                 "--dataset")
     dataset = data.dataset or str(checkpoint / "benchmarks" / ORGANISM_FILES[data.dataset_format])
     categories = [c for c in flags.categories.split(",") if c] or None
-    records = select_records(read_longform(dataset, data.dataset_format, categories),
-                             data.num_edits)
+    records = read_longform(dataset, data.dataset_format, categories)
+    warn_if_fewer(dataset, len(records), data.num_edits)
+    records = select_records(records, data.num_edits)
     config = unstructured_config(edit.method, structured, flags, cfg.n_layers)
     edits, failed = encode_edits(tokenizer, records, config.window, cfg.max_positions)
     for message in failed.values():

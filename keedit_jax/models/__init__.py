@@ -14,6 +14,7 @@ from keedit_jax.models.checkpoint import (
 )
 from keedit_jax.models.config import (
     ConfigError,
+    LayerError,
     ModelConfig,
     RopeConfig,
     config_from_hf,
@@ -35,7 +36,7 @@ from keedit_jax.models.params import (
 from keedit_jax.models.transformer import embed, head, prompt_inputs, run_block, run_layers
 
 __all__ = [
-    "AttnInputs", "CheckpointError", "ConfigError",
+    "AttnInputs", "CheckpointError", "ConfigError", "LayerError",
     "GenerationConfig", "KVCache", "LoadedModel", "ModelConfig",
     "RopeConfig", "abstract_params", "cast", "config_from_hf", "count", "down_proj_path",
     "embed", "export_gguf",

@@ -69,6 +69,10 @@ class ConfigError(ValueError):
     """A checkpoint config that this library cannot honour exactly."""
 
 
+class LayerError(IndexError):
+    """A layer index (from a flag or a config) outside the model: bad input, not a bug."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeConfig:
     """Rotary position embedding: which frequencies, on how many dims, in which pairing.
@@ -158,7 +162,7 @@ class ModelConfig:
     def check_layer(self, layer: int, what: str = "layer") -> int:
         """Validate a layer index, naming the range, so that a bad flag fails before any work."""
         if not 0 <= layer < self.n_layers:
-            raise IndexError(
+            raise LayerError(
                 f"{what} {layer} is out of range: this {self.model_type} model has layers "
                 f"0..{self.n_layers - 1}")
         return layer
@@ -171,13 +175,18 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     if not file.exists():
         raise FileNotFoundError(f"no config.json in {path}")
     try:
-        return json.loads(file.read_text())
+        hf = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{file}: not valid JSON ({err})") from err
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{file}: a config must be a JSON object, got a {type(hf).__name__}")
+    return hf
 
 
 def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
     """Build a ModelConfig from a Hugging Face config dict, refusing what we do not implement."""
+    if not isinstance(hf, Mapping):
+        raise ConfigError(f"{source}: a config must be a JSON object, got a {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPE_FAMILY:
         raise ConfigError(
@@ -205,6 +214,22 @@ def _refuse_unknown_keys(hf: Mapping[str, Any], source: str) -> None:
     for key, required in _REQUIRED_VALUES.items():
         if hf.get(key, required) != required:
             raise ConfigError(f"{source}: {key}={hf[key]!r} is not supported (need {required!r})")
+
+
+_NO_DEFAULT = object()
+
+
+def _size(hf: Mapping[str, Any], key: str, source: str, default: Any = _NO_DEFAULT) -> int:
+    """A positive integer field (a width, a count), named when it is missing or not one."""
+    value = hf.get(key)
+    if value is None and default is not _NO_DEFAULT:  # absent or null: the family's default
+        value = default
+    if value is None:
+        raise ConfigError(f"{source}: the required key {key!r} is missing")
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) \
+            or value <= 0:
+        raise ConfigError(f"{source}: {key}={value!r} must be a positive integer")
+    return int(value)
 
 
 def _activation(name: str, source: str) -> str:
@@ -269,15 +294,16 @@ def _sliding_window(hf: Mapping[str, Any], source: str) -> int | None:
 
 
 def _llama_like(hf: Mapping[str, Any], source: str) -> ModelConfig:
-    n_heads = int(hf["num_attention_heads"])
-    head_dim = int(hf.get("head_dim") or hf["hidden_size"] // n_heads)
+    n_heads, d_model = (_size(hf, "num_attention_heads", source),
+                        _size(hf, "hidden_size", source))
+    head_dim = _size(hf, "head_dim", source, default=d_model // n_heads)
     is_qwen2 = hf["model_type"] == "qwen2"
     return ModelConfig(
-        model_type=hf["model_type"], family="llama", vocab_size=int(hf["vocab_size"]),
-        d_model=int(hf["hidden_size"]), n_layers=int(hf["num_hidden_layers"]),
-        n_heads=n_heads, n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-        head_dim=head_dim, d_ff=int(hf["intermediate_size"]),
-        max_positions=int(hf.get("max_position_embeddings", 2048)),
+        model_type=hf["model_type"], family="llama", vocab_size=_size(hf, "vocab_size", source),
+        d_model=d_model, n_layers=_size(hf, "num_hidden_layers", source),
+        n_heads=n_heads, n_kv_heads=_size(hf, "num_key_value_heads", source, default=n_heads),
+        head_dim=head_dim, d_ff=_size(hf, "intermediate_size", source),
+        max_positions=_size(hf, "max_position_embeddings", source, default=2048),
         norm="rms", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         activation=_activation(hf.get("hidden_act", "silu"), source),
         rope=_llama_rope(hf, head_dim, source),
@@ -289,12 +315,13 @@ def _llama_like(hf: Mapping[str, Any], source: str) -> ModelConfig:
 
 
 def _gpt2(hf: Mapping[str, Any], source: str) -> ModelConfig:
-    d_model, n_heads = int(hf["n_embd"]), int(hf["n_head"])
+    d_model, n_heads = _size(hf, "n_embd", source), _size(hf, "n_head", source)
     return ModelConfig(
-        model_type="gpt2", family="gpt2", vocab_size=int(hf["vocab_size"]), d_model=d_model,
-        n_layers=int(hf["n_layer"]), n_heads=n_heads, n_kv_heads=n_heads,
-        head_dim=d_model // n_heads, d_ff=int(hf.get("n_inner") or 4 * d_model),
-        max_positions=int(hf["n_positions"]), norm="layer",
+        model_type="gpt2", family="gpt2", vocab_size=_size(hf, "vocab_size", source),
+        d_model=d_model, n_layers=_size(hf, "n_layer", source), n_heads=n_heads,
+        n_kv_heads=n_heads, head_dim=d_model // n_heads,
+        d_ff=_size(hf, "n_inner", source, default=4 * d_model),
+        max_positions=_size(hf, "n_positions", source), norm="layer",
         norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         activation=_activation(hf.get("activation_function", "gelu_new"), source), rope=None,
         qkv_bias=True, o_bias=True, mlp_bias=True,
@@ -304,13 +331,15 @@ def _gpt2(hf: Mapping[str, Any], source: str) -> ModelConfig:
 
 
 def _gptj(hf: Mapping[str, Any], source: str) -> ModelConfig:
-    d_model, n_heads = int(hf["n_embd"]), int(hf["n_head"])
+    d_model, n_heads = _size(hf, "n_embd", source), _size(hf, "n_head", source)
     head_dim = d_model // n_heads
-    rotary_dim = int(hf.get("rotary_dim") or head_dim)
+    rotary_dim = _size(hf, "rotary_dim", source, default=head_dim)
     return ModelConfig(
-        model_type="gptj", family="gptj", vocab_size=int(hf["vocab_size"]), d_model=d_model,
-        n_layers=int(hf["n_layer"]), n_heads=n_heads, n_kv_heads=n_heads, head_dim=head_dim,
-        d_ff=int(hf.get("n_inner") or 4 * d_model), max_positions=int(hf["n_positions"]),
+        model_type="gptj", family="gptj", vocab_size=_size(hf, "vocab_size", source),
+        d_model=d_model, n_layers=_size(hf, "n_layer", source), n_heads=n_heads,
+        n_kv_heads=n_heads, head_dim=head_dim,
+        d_ff=_size(hf, "n_inner", source, default=4 * d_model),
+        max_positions=_size(hf, "n_positions", source),
         norm="layer", norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         activation=_activation(hf.get("activation_function", "gelu_new"), source),
         rope=RopeConfig(theta=10000.0, rotary_dim=rotary_dim, style="interleaved"),
