@@ -218,6 +218,22 @@ def test_missing_tensor_names_file_and_tensor(tiny_checkpoint, tmp_path):
     assert "model.layers.1.mlp.down_proj.weight" in str(err.value)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_non_finite_weight_is_named_at_load(dtype, tiny_checkpoint, tmp_path):
+    directory = copy_checkpoint(tiny_checkpoint("llama", dtype), tmp_path / "ckpt")
+    tensors = load_file(directory / "model.safetensors")
+    damaged = tensors["model.layers.1.self_attn.o_proj.weight"].copy()
+    damaged[2, 3], damaged[0, 0] = np.nan, np.inf
+    tensors["model.layers.1.self_attn.o_proj.weight"] = damaged
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.1\."
+                                              r"self_attn\.o_proj\.weight' holds 2 non-finite"):
+        load_model(directory)
+    loaded = load_model(directory, check_finite=False)  # the check can be skipped
+    kernel = loaded.params["model"]["layers"]["self_attn"]["o_proj"]["kernel"]
+    assert np.isnan(np.asarray(kernel, np.float32)).sum() == 1
+
+
 def test_unexpected_tensor_names_file_and_tensor(tiny_checkpoint, tmp_path):
     directory = copy_checkpoint(tiny_checkpoint("gptj"), tmp_path / "ckpt")
     tensors = load_file(directory / "model.safetensors")

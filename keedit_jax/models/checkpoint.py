@@ -178,12 +178,15 @@ def index_tensors(files: list[Path], rules: Mapping[str, TensorRule],
 
 
 class _OpenFiles:
-    """safetensors handles opened once per file for the many slice reads of one load."""
+    """safetensors handles opened once per file for the many slice reads of one load; each
+    block is checked finite unless `check_finite` is off (a NaN weight would otherwise
+    surface only as a non-finite loss, far from the tensor that holds it)."""
 
-    def __init__(self, stack: contextlib.ExitStack) -> None:
+    def __init__(self, stack: contextlib.ExitStack, check_finite: bool = True) -> None:
         self._stack = stack
         self._handles: dict[Path, Any] = {}
         self.values_read = 0
+        self.check_finite = check_finite
 
     def slice(self, source: TensorSource, index: tuple[slice, ...]) -> np.ndarray:
         try:
@@ -194,12 +197,17 @@ class _OpenFiles:
         except (OSError, ValueError, RuntimeError, SafetensorError) as err:
             raise CheckpointError(f"{source.file}: tensor {source.key!r} is not readable "
                                   f"({err})") from err
+        if self.check_finite and not np.isfinite(block).all():
+            bad = int(block.size - np.isfinite(block).sum())
+            raise CheckpointError(f"{source.file}: tensor {source.key!r} holds {bad} non-finite "
+                                  "value(s) (NaN or inf): the checkpoint is damaged")
         self.values_read += block.size
         return block
 
 
 def load_model(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32,
-               shardings: Callable[[ModelConfig], Params | None] | None = None) -> LoadedModel:
+               shardings: Callable[[ModelConfig], Params | None] | None = None, *,
+               check_finite: bool = True) -> LoadedModel:
     """Load an HF checkpoint directory (single-file or sharded safetensors, any float dtype),
     a GGUF file or a named real model (`gguf.NAMED_MODELS`, through its cached HF
     conversion), casting every parameter to `dtype`. All problems are collected and raised
@@ -207,13 +215,14 @@ def load_model(path: str | os.PathLike, dtype: jnp.dtype = jnp.float32,
 
     shardings(cfg) gives each parameter's NamedSharding (`parallel.model_shardings`); every
     device's block is then read straight from the files, so no host holds the whole model.
+    `check_finite=False` skips the NaN/inf check of every tensor (a pass over the weights).
     """
     directory = gguf.hf_directory(path) if gguf.is_gguf(path) else Path(path)
     hf_config = read_hf_config(directory)
     cfg = config_from_hf(hf_config, str(directory / "config.json"))
     files = checkpoint_files(directory)
     placement = shardings(cfg) if shardings else None
-    params = _read_params(cfg, files, np.dtype(dtype), placement)
+    params = _read_params(cfg, files, np.dtype(dtype), placement, check_finite)
     return LoadedModel(cfg, params, hf_config, directory)
 
 
@@ -231,7 +240,7 @@ def read_tensors(files: list[Path], rules: Mapping[str, TensorRule],
 
 
 def _read_params(cfg: ModelConfig, files: list[Path], dtype: np.dtype,
-                 shardings: Params | None) -> Params:
+                 shardings: Params | None, check_finite: bool = True) -> Params:
     """Each leaf as one jax.Array built from the blocks its devices hold (the whole leaf on
     the default device when `shardings` is None)."""
     rules = tensor_rules(cfg)
@@ -244,7 +253,7 @@ def _read_params(cfg: ModelConfig, files: list[Path], dtype: np.dtype,
     for key, rule in rules.items():
         by_leaf.setdefault(rule.path, {})[rule.layer] = key
     with contextlib.ExitStack() as stack:
-        opened = _OpenFiles(stack)
+        opened = _OpenFiles(stack, check_finite)
 
         def block(leaf_path: tuple[str, ...], index: tuple[slice, ...]) -> np.ndarray:
             """The block `index` of our leaf, read from the HF tensors it comes from."""
