@@ -363,3 +363,26 @@ def test_tokenizer_larger_than_embedding_is_refused(tiny_tokenizer_dir, tmp_path
         "up to 159",
     ):
         assert part in message, part
+
+
+def test_a_tokenizer_needing_remote_code_is_refused_by_us(tiny_tokenizer_dir, tmp_path):
+    directory = shutil.copytree(tiny_tokenizer_dir, tmp_path / "tokenizer")
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerMismatchError) as err:
+        load_tokenizer(directory)
+    message = str(err.value)
+    assert "tokenizer_config.json: field 'auto_map'" in message
+    assert "never runs code" in message and "trust_remote_code=True" not in message
+
+
+def test_a_tokenizer_of_another_checkpoint_is_told_by_its_bos(tiny_checkpoint, tiny_tokenizer_dir,
+                                                             tmp_path):
+    directory = copy_checkpoint(tiny_checkpoint("llama"), tmp_path / "ckpt")
+    tokenizer = load_tokenizer(tiny_tokenizer_dir, load_model(directory).config)  # its own: fine
+    edit_config(directory, bos_token_id=tokenizer.bos_token_id + 1)
+    with pytest.raises(TokenizerMismatchError, match=(
+            rf"begins sequences with id {tokenizer.bos_token_id} .*bos_token_id="
+            rf"{tokenizer.bos_token_id + 1}: this tokenizer does not belong")):
+        load_tokenizer(tiny_tokenizer_dir, load_model(directory).config, checkpoint=directory)

@@ -15,7 +15,7 @@ END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|eot|>", "<|end_of_turn|>")
 
 
 class TokenizerMismatchError(ValueError):
-    """A tokenizer whose ids do not fit the checkpoint's embedding."""
+    """A tokenizer that does not belong to the checkpoint, or that would need its own code."""
 
 
 def load_tokenizer(path: str | os.PathLike, cfg: ModelConfig | None = None,
@@ -26,7 +26,7 @@ def load_tokenizer(path: str | os.PathLike, cfg: ModelConfig | None = None,
 
     if gguf.is_gguf(path):
         path = gguf.hf_directory(path)
-
+    refuse_remote_code(Path(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True,
                                               trust_remote_code=False)
     if cfg is not None:
@@ -34,15 +34,40 @@ def load_tokenizer(path: str | os.PathLike, cfg: ModelConfig | None = None,
     return tokenizer
 
 
+def refuse_remote_code(path: Path) -> None:
+    """A tokenizer_config.json with `auto_map` names Python classes shipped beside the
+    weights; this library never runs code from a checkpoint, so it says so itself."""
+    config = path / "tokenizer_config.json"
+    if not config.is_file():
+        return
+    try:
+        declared = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise TokenizerMismatchError(f"{config}: not readable JSON ({err})") from err
+    if isinstance(declared, dict) and declared.get("auto_map"):
+        raise TokenizerMismatchError(
+            f"{config}: field 'auto_map' declares custom tokenizer code "
+            f"({declared['auto_map']}); keedit_jax never runs code shipped with a checkpoint: "
+            "use a checkpoint whose tokenizer the tokenizers library reads on its own")
+
+
 def check_tokenizer_fits(tokenizer: Any, cfg: ModelConfig, tokenizer_path: Path,
                          checkpoint_path: Path) -> None:
-    """Every token id must index a row of the embedding, or lookups would silently clamp."""
+    """Every token id must index a row of the embedding, or lookups would silently clamp;
+    and a tokenizer of another checkpoint whose ids happen to fit is told by its BOS id,
+    which every prompt starts with."""
     largest = max(tokenizer.get_vocab().values())
     if largest >= cfg.vocab_size:
         raise TokenizerMismatchError(
             f"tokenizer {tokenizer_path} has token ids up to {largest}, but the embedding "
             f"in {checkpoint_path} ({_embedding_name(cfg)}) has only {cfg.vocab_size} rows: "
             "this tokenizer does not belong to this checkpoint")
+    bos = tokenizer.bos_token_id
+    if None not in (bos, cfg.bos_token_id) and bos != cfg.bos_token_id:
+        raise TokenizerMismatchError(
+            f"tokenizer {tokenizer_path} begins sequences with id {bos} "
+            f"({tokenizer.bos_token!r}), but {checkpoint_path}/config.json has bos_token_id="
+            f"{cfg.bos_token_id}: this tokenizer does not belong to this checkpoint")
 
 
 def _embedding_name(cfg: ModelConfig) -> str:
