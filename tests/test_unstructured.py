@@ -13,7 +13,7 @@ import pytest
 
 from keedit_jax import downstream, upstream
 from keedit_jax.data import AlpacaRecord
-from keedit_jax.methods.run_unstructured import preservation_contexts
+from keedit_jax.methods.run_unstructured import cached_row, preservation_contexts
 from keedit_jax.methods.unstructured import (
     UnstructuredConfig,
     edit_longform,
@@ -222,3 +222,16 @@ def test_affinities_are_cached_per_sample_and_a_corrupt_file_is_recomputed(tok, 
     cached_affinities(model.params, model.config, edits[:1], pack_windows(edits[:1], 0), config,
                       tmp_path, "other")
     assert len(list(tmp_path.glob("*.npy"))) == 3
+
+
+def test_a_damaged_affinity_cache_row_is_recomputed_not_used(tmp_path):
+    """Empty, truncated, mis-shaped or non-finite cache files read as absent (recomputed)."""
+    good = np.arange(9, dtype=np.float32).reshape(3, 3)
+    np.save(tmp_path / "good.npy", good)
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "truncated.npy").write_bytes((tmp_path / "good.npy").read_bytes()[:-7])
+    np.save(tmp_path / "nan.npy", np.where(good == 4, np.nan, good))
+    np.save(tmp_path / "shape.npy", good[:2])
+    np.testing.assert_array_equal(cached_row(tmp_path / "good.npy", 3), good)
+    for name in ("absent", "empty", "truncated", "nan", "shape"):
+        assert cached_row(tmp_path / f"{name}.npy", 3) is None, name

@@ -132,23 +132,32 @@ def affinity_key(fingerprint: str, edit: EncodedEdit, target: TargetConfig,
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
+def cached_row(path: Path, windows: int) -> np.ndarray | None:
+    """A cached [K, K] affinity row, or None (with a warning) when it is absent, unreadable
+    (empty, truncated, not .npy), of another shape or not finite: then it is recomputed."""
+    if not path.exists():
+        return None
+    try:
+        row = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        logging.warning("affinity cache %s is unreadable (%s); recomputing", path, err or "empty")
+        return None
+    if row.shape != (windows, windows):
+        logging.warning("affinity cache %s has shape %s; recomputing", path, row.shape)
+        return None
+    if not np.isfinite(row).all():
+        logging.warning("affinity cache %s holds non-finite values; recomputing", path)
+        return None
+    return row
+
+
 def cached_affinities(params: Params, cfg: Any, edits: Sequence[EncodedEdit], batch: Any,
                       config: UnstructuredConfig, directory: Path, fingerprint: str) -> Any:
     """[E, N, N] up-front affinities from the cache, computing (and storing) any missing."""
     n = batch.starts.shape[1]
     paths = [directory / f"{affinity_key(fingerprint, x, config.target, config.window)}.npy"
              for x in edits]
-    rows = []
-    for path, edit in zip(paths, edits, strict=True):
-        try:
-            row = np.load(path, allow_pickle=False) if path.exists() else None
-        except (OSError, ValueError) as err:
-            logging.warning("affinity cache %s is unreadable (%s); recomputing", path, err)
-            row = None
-        if row is not None and row.shape != (len(edit.windows),) * 2:
-            logging.warning("affinity cache %s has shape %s; recomputing", path, row.shape)
-            row = None
-        rows.append(row)
+    rows = [cached_row(path, len(edit.windows)) for path, edit in zip(paths, edits, strict=True)]
     if any(row is None for row in rows):
         fresh = parallel.to_host(compute_affinities(params, cfg, parallel.put_batch(batch),
                                                     config.target, config.window))
