@@ -35,7 +35,7 @@ from keedit_jax.models import (
 from keedit_jax.models.tokenizer import TokenizerMismatchError
 from keedit_jax.results import write_results
 from keedit_jax.stats import TextSourceError
-from keedit_jax.stream_checkpoint import CheckpointMismatchError
+from keedit_jax.stream_checkpoint import CheckpointDamagedError, CheckpointMismatchError
 from keedit_jax.upstream import EncodingError, NonFiniteShiftError
 
 run_flags.define_flags()
@@ -44,8 +44,8 @@ run_flags.define_flags()
 # else is a bug and keeps its traceback.
 USER_ERRORS = (CheckpointError, ConfigError, gguf.GGUFError, TokenizerMismatchError, DatasetError,
                TextSourceError, EncodingError, SolveError, NonFiniteShiftError,
-               CheckpointMismatchError, parallel.MeshError, FileNotFoundError, PermissionError,
-               LayerError)
+               CheckpointMismatchError, CheckpointDamagedError, parallel.MeshError,
+               FileNotFoundError, PermissionError, LayerError)
 
 
 class Terminated(Exception):  # noqa: N818 (a signal, not an error)

@@ -33,6 +33,14 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint directory written by a run with another configuration."""
 
 
+class CheckpointDamagedError(ValueError):
+    """A checkpoint directory none of whose steps can be read back."""
+
+
+# What orbax and tensorstore raise on a step with missing, truncated or garbled files.
+DAMAGE = (OSError, ValueError, KeyError, TypeError, RuntimeError)
+
+
 def run_fingerprint(configs: Mapping[str, Any]) -> str:
     """A short hash of every setting that changes the stream's result."""
     settings = {group: {k: v for k, v in fields.items() if k not in NOT_FINGERPRINTED}
@@ -61,11 +69,27 @@ class StreamCheckpoints:
         self.manager.wait_until_finished()
 
     def restore(self, like: Any) -> tuple[int, Any, dict[str, Any]] | None:
-        """The latest (step, state, metadata), with `like` giving the state's structure,
-        shapes and dtypes; None when the directory holds no complete step."""
-        step = self.latest_step()
-        if step is None:
-            return None
+        """The latest intact (step, state, metadata), with `like` giving the state's
+        structure, shapes and dtypes; None when the directory holds no step. A damaged step
+        is skipped with a warning for the one before it (the stream replays what follows);
+        when every step is damaged, CheckpointDamagedError names the directory."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                return self._restore_step(step, like)
+            except CheckpointMismatchError:
+                raise
+            except DAMAGE as err:
+                logging.warning("checkpoint %s step %d is damaged (%s: %s); trying the one "
+                                "before it", self.directory, step, type(err).__name__,
+                                str(err).splitlines()[0] if str(err) else "")
+        if steps:
+            raise CheckpointDamagedError(
+                f"checkpoint {self.directory}: every step ({', '.join(map(str, steps))}) is "
+                "damaged; delete it or run with --noresume to start over")
+        return None
+
+    def _restore_step(self, step: int, like: Any) -> tuple[int, Any, dict[str, Any]]:
         meta = self.manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"]
         if meta.get("fingerprint") != self.fingerprint:

@@ -19,6 +19,7 @@ from safetensors.numpy import load_file
 from keedit_jax.flags import SequentialFlags, StructuredFlags
 from keedit_jax.methods.run_sequential import make_editor
 from keedit_jax.stream_checkpoint import (
+    CheckpointDamagedError,
     CheckpointMismatchError,
     StreamCheckpoints,
     run_fingerprint,
@@ -252,3 +253,29 @@ def test_the_streams_first_batch_is_the_one_time_memit_edit(stream_inputs, tmp_p
     for key in ("target_prob_last", "target_prob_edited", "realised", "delta_norm"):
         np.testing.assert_allclose([r[key] for r in stream], [r[key] for r in once],
                                    rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def _truncate_data(step: pathlib.Path) -> None:
+    for file in (step / "state").rglob("d/*"):
+        file.write_bytes(file.read_bytes()[:10])
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda step: (step / "meta" / "metadata").write_text("{not json"), id="meta"),
+    pytest.param(lambda step: (step / "state" / "_METADATA").unlink(), id="state-metadata"),
+    pytest.param(_truncate_data, id="truncated-arrays")])
+def test_a_damaged_latest_step_falls_back_to_the_intact_one(tmp_path, damage, caplog):
+    ones = {"kernels": {0: np.ones((64, 48), np.float32)}}  # not inlined in orbax's index
+    store = StreamCheckpoints(tmp_path, "fingerprint")
+    store.save(1, ones, {"applied": [[0]]})
+    store.save(2, {"kernels": {0: 2 * ones["kernels"][0]}}, {"applied": [[0], [1]]})
+    store.close()
+    damage(tmp_path / "2")
+    step, state, meta = StreamCheckpoints(tmp_path, "fingerprint").restore(ones)
+    assert step == 1 and meta["applied"] == [[0]]
+    np.testing.assert_array_equal(state["kernels"][0], ones["kernels"][0])
+    assert f"checkpoint {tmp_path.resolve()} step 2 is damaged" in caplog.text
+    damage(tmp_path / "1")
+    with pytest.raises(CheckpointDamagedError, match=r"every step \(2, 1\) is damaged.*"
+                                                     "--noresume"):
+        StreamCheckpoints(tmp_path, "fingerprint").restore(ones)
