@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from keedit_jax import testing
-from keedit_jax.data import CounterFactRecord, Request, ZsreRecord
+from keedit_jax.data import CounterFactRecord, DatasetError, Request, ZsreRecord
 from keedit_jax.eval import structured as st
 from keedit_jax.intervene import forward
 
@@ -125,6 +125,24 @@ def test_tfidf_consistency_by_hand(tmp_path) -> None:
     assert case.metrics()["reference_score"] == pytest.approx(expected)
     assert case.metrics()["ngram_entropy"] == pytest.approx(
         st.text_ngram_entropy("Paris paris, French a"))
+
+
+def test_malformed_consistency_files_are_named(tmp_path) -> None:
+    snippets = tmp_path / "attribute_snippets.json"
+    snippets.write_text(json_dump([{"relation_id": "P103", "samples": [{"name": "X"}]}]),
+                        encoding="utf-8")
+    with pytest.raises(DatasetError) as error:
+        st.load_attribute_snippets(snippets)
+    assert [(p.index, p.field) for p in error.value.problems] == [
+        (0, "target_id"), (0, "samples[0].text")]
+    assert "attribute_snippets.json" in str(error.value)
+    np.save(tmp_path / "idf.npy", np.array([1.0, 2.0]))
+    (tmp_path / "vocab.json").write_text(json_dump({"paris": 0, "wine": 5}), encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"idf\.npy: idf of shape \(2,\) does not cover"):
+        st.load_tfidf(tmp_path / "idf.npy", tmp_path / "vocab.json")
+    np.save(tmp_path / "idf.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DatasetError, match="TF-IDF files not readable"):  # never unpickled
+        st.load_tfidf(tmp_path / "idf.npy", tmp_path / "vocab.json")
 
 
 def json_dump(value) -> str:

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from keedit_jax import parallel
+from keedit_jax.data._fields import DatasetError, FieldReader, load_records, read_all
 from keedit_jax.data.counterfact import CounterFactRecord
 from keedit_jax.data.zsre import ZsreRecord
 from keedit_jax.intervene import forward
@@ -293,11 +294,17 @@ class Tfidf:
 
 def load_tfidf(idf_path: str | pathlib.Path, vocab_path: str | pathlib.Path) -> Tfidf:
     """The published `idf.npy` and `tfidf_vocab.json` (MEMIT `data/`; anchors.md §8)."""
-    vocabulary = json.loads(pathlib.Path(vocab_path).read_text(encoding="utf-8"))
-    idf = np.load(idf_path)
+    try:
+        vocabulary = json.loads(pathlib.Path(vocab_path).read_text(encoding="utf-8"))
+        idf = np.load(idf_path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise DatasetError(vocab_path, message=f"TF-IDF files not readable ({err})") from err
+    if not isinstance(vocabulary, dict) or not all(
+            isinstance(c, int) and not isinstance(c, bool) for c in vocabulary.values()):
+        raise DatasetError(vocab_path, message="expected an object of term -> column index")
     if idf.ndim != 1 or len(idf) <= max(vocabulary.values(), default=-1):
-        raise ValueError(f"{idf_path}: idf of shape {idf.shape} does not cover the "
-                         f"{len(vocabulary)} columns of {vocab_path}")
+        raise DatasetError(idf_path, message=f"idf of shape {idf.shape} does not cover the "
+                                             f"{len(vocabulary)} columns of {vocab_path}")
     return Tfidf(vocabulary=vocabulary, idf=idf)
 
 
@@ -319,11 +326,23 @@ class AttributeSnippets:
         return self.texts.get((record.relation_id, record.target_new_id), ())
 
 
+def _snippet_entry(reader: FieldReader) -> tuple[tuple[str, str], list[str]]:
+    """One `attribute_snippets.json` entry: (relation, target) and its samples' texts."""
+    key = (reader.text("relation_id"), reader.text("target_id"))
+    texts = []
+    for i, sample in enumerate(reader.raw("samples", list) or []):
+        if not isinstance(sample, dict) or not isinstance(sample.get("text"), str):
+            reader.note(f"samples[{i}].text", "expected an object with a string 'text'")
+        else:
+            texts.append(sample["text"])
+    return key, texts
+
+
 def load_attribute_snippets(path: str | pathlib.Path) -> AttributeSnippets:
+    """MEMIT's attribute snippets; DatasetError naming each malformed entry and field."""
     grouped: dict[tuple[str, str], list[str]] = {}
-    for entry in json.loads(pathlib.Path(path).read_text(encoding="utf-8")):
-        key = (entry["relation_id"], entry["target_id"])
-        grouped.setdefault(key, []).extend(sample["text"] for sample in entry["samples"])
+    for key, texts in read_all(path, load_records(path), _snippet_entry):
+        grouped.setdefault(key, []).extend(texts)
     return AttributeSnippets(texts={k: tuple(v) for k, v in grouped.items()})
 
 
