@@ -32,12 +32,24 @@ def staged_directory(target: Path, tag: str = "staging") -> Iterator[Path]:
 
 
 def default_permissions(directory: Path) -> None:
-    """mkdtemp and safetensors create private (0700 / 0600) paths; a checkpoint or a cache
-    shared by a team needs the modes the user's umask gives ordinary files."""
+    """mkdtemp, mkstemp and safetensors create private (0700 / 0600) paths; a checkpoint or a
+    cache shared by a team needs the modes the user's umask gives ordinary files."""
     umask = os.umask(0)
     os.umask(umask)
-    for path in [directory, *directory.rglob("*")]:
+    for path in [directory, *(directory.rglob("*") if directory.is_dir() else ())]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def check_writable_directory(directory: Path, what: str) -> None:
+    """Create `directory` and prove a file can be written there, before the work whose result
+    goes there (PermissionError naming it and the way out otherwise)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise PermissionError(f"{what} {directory} is not writable ({err.strerror}): set "
+                              "KEEDIT_CACHE to a writable directory") from err
 
 
 def atomic_write(path: Path, text: str) -> Path:

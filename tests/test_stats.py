@@ -7,6 +7,7 @@ document at a time (no padding), so bucketing, padding and masking are all under
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import jax
@@ -274,6 +275,22 @@ def test_cache_round_trip(model, tiny_tokenizer_dir, corpus, tmp_path):
         assert not any("mom2" in name for name in data.files)
     subset, log3 = run_cached(model, tiny_tokenizer_dir, corpus, path, layers=(2,))
     assert "loaded" in log3 and list(subset) == [2]  # a superset of layers is reused
+
+
+def test_cache_files_get_ordinary_modes_and_an_unwritable_cache_fails_first(
+        model, tiny_tokenizer_dir, corpus, tmp_path):
+    """Shared caches: the umask's mode, not mkstemp's 0600. A cache directory that cannot be
+    written is refused before the pass, not after it (a file in its way stands in for a
+    read-only directory, which root, running CI, could write anyway)."""
+    path = tmp_path / "stats.npz"
+    run_cached(model, tiny_tokenizer_dir, corpus, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    (tmp_path / "blocked").write_text("a file where the cache directory should be")
+    with pytest.raises(PermissionError, match=r"statistics cache directory .*blocked.* is not "
+                                              "writable.*KEEDIT_CACHE"):
+        run_cached(model, tiny_tokenizer_dir, corpus, tmp_path / "blocked" / "stats.npz")
 
 
 @pytest.mark.parametrize("change, field", [

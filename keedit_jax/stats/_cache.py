@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from keedit_jax import parallel
+from keedit_jax.files import default_permissions
 from keedit_jax.models import ModelConfig
 from keedit_jax.models.family import get_family
 from keedit_jax.models.params import Params
@@ -136,6 +137,7 @@ def save_arrays(path: str | Path, arrays: Mapping[str, np.ndarray], metadata: Me
             np.savez(file, **payload)
             file.flush()
             os.fsync(file.fileno())
+        default_permissions(Path(temporary))  # mkstemp's 0600 would hide a shared cache
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from keedit_jax.files import check_writable_directory
 from keedit_jax.models import ModelConfig
 from keedit_jax.models.params import Params
 from keedit_jax.stats._cache import (
@@ -121,6 +122,7 @@ def load_or_compute(params: Params, cfg: ModelConfig, layers: Iterable[int], tok
         except (KeyError, ValueError) as error:
             log(f"cache file {path} is inconsistent ({type(error).__name__}: {error}); "
                 "rebuilding")
+    check_writable_directory(Path(path).parent, "the statistics cache directory")
     log(f"computing statistics of layers {list(layers)} from {config.source} into {path}")
     moments = compute_from_source(params, cfg, layers, tokenizer, config, log)
     save_arrays(path, moments_to_arrays(moments), expected)
