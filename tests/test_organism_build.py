@@ -18,6 +18,7 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from keedit_jax import organism
 from keedit_jax.intervene import forward
@@ -188,16 +189,7 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
 def test_incomplete_cache_entries_are_rebuilt(tmp_path, monkeypatch):
     built = []
 
-    def fake_build(spec, target, *, log):
-        for name in build.REQUIRED_FILES:
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            (target / name).write_text("{}")
-        (target / "benchmarks" / benchmarks.VERSION_FILE).write_text(
-            f"{benchmarks.BENCHMARKS_VERSION}\n")
-        built.append(target)
-        return target
-
-    monkeypatch.setattr(build, "build_organism", fake_build)
+    monkeypatch.setattr(build, "build_organism", _fake_build(built := []))
     spec = organism.ORGANISM_SIZES["tiny"]
     target = tmp_path / f"organism-tiny-v{build.FORMAT_VERSION}-{spec.fingerprint()}"
     (target / "benchmarks").mkdir(parents=True)  # a directory without its files
@@ -207,6 +199,34 @@ def test_incomplete_cache_entries_are_rebuilt(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(f".{target.name}.building.*"))
     assert organism.ensure_organism("tiny", tmp_path, log=_never) == target
     assert built == [target]
+
+
+def test_a_truncated_cached_checkpoint_is_rebuilt_with_a_word(tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "build_organism", _fake_build(built := []))
+    target = organism.ensure_organism("tiny", tmp_path, log=lambda _: None)
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    messages: list[str] = []
+    assert organism.ensure_organism("tiny", tmp_path, log=messages.append) == target
+    assert built == [target, target]
+    assert any("damaged" in m and "model.safetensors" in m for m in messages), messages
+    assert build.is_complete(target)
+
+
+def _fake_build(built: list):
+    """build_organism's stand-in: every required file, the weights a readable safetensors."""
+
+    def fake_build(spec, target, *, log):
+        for name in build.REQUIRED_FILES:
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            (target / name).write_text("{}")
+        save_file({"w": np.zeros((4, 4), np.float32)}, target / "model.safetensors")
+        (target / "benchmarks" / benchmarks.VERSION_FILE).write_text(
+            f"{benchmarks.BENCHMARKS_VERSION}\n")
+        built.append(target)
+        return target
+
+    return fake_build
 
 
 def test_shipped_build_installs_verified_and_damage_is_refused(tiny, tmp_path):

@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
+
 from keedit_jax.files import staged_directory
 from keedit_jax.models.checkpoint import CheckpointError, load_model, save_model
 from keedit_jax.models.config import config_from_hf
@@ -266,7 +268,18 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def is_complete(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in REQUIRED_FILES)
+    return all((directory / name).is_file() for name in REQUIRED_FILES) and \
+        damage(directory) is None
+
+
+def damage(directory: Path) -> str | None:
+    """Why a cached build's weights cannot be read (truncated, garbled), or None: such a
+    build is rebuilt rather than failing every later run."""
+    try:
+        with safe_open(str(directory / "model.safetensors"), framework="np"):
+            return None
+    except (OSError, SafetensorError) as err:
+        return f"{directory / 'model.safetensors'}: {err}"
 
 
 @contextlib.contextmanager
@@ -352,6 +365,8 @@ def ensure_organism(size: str | OrganismSpec, cache_dir: str | os.PathLike | Non
                 log(f"rewriting the benchmark files of {target} (version {BENCHMARKS_VERSION})")
                 refresh_benchmarks(target)
             return target
+        if target.exists() and damage(target):
+            log(f"the cached organism is damaged ({damage(target)}); rebuilding it")
         for stale in root.glob(f".{target.name}.*.*"):  # left by a killed build
             shutil.rmtree(stale, ignore_errors=True)
         source = shipped_for(spec, shipped)
