@@ -21,19 +21,24 @@ def test_unencodable_record_is_skipped_and_reported(tmp_path, tiny_checkpoint,
     model = model_directory(tmp_path, tiny_checkpoint("llama"), tiny_tokenizer_dir)
     dataset = tmp_path / "zsre.json"
     # The tiny tokenizer drops "é": no token covers record 1's subject.
+    # Record 3's target is longer than the tiny model's 128 positions.
+    too_long = {**_zsre("Tokyo", "Where is Tokyo?"), "alt": " ".join(["Paris"] * 200)}
     dataset.write_text(json.dumps([_zsre("The Eiffel Tower", "Where is The Eiffel Tower?"),
                                    _zsre("é", "Where is é?"),
-                                   _zsre("Marie Curie", "Where was Marie Curie born?")]))
+                                   _zsre("Marie Curie", "Where was Marie Curie born?"),
+                                   too_long]))
     text = varied_text(tmp_path, "the capital of France is Paris Rome Japan tower river "
                                  "old new city born")
     out = tmp_path / "out"
     result = run_main(f"--model={model}", "--method=memit", f"--dataset={dataset}",
-                      "--dataset_format=zsre", "--num_edits=3", "--edit_batch_size=1",
+                      "--dataset_format=zsre", "--num_edits=5", "--edit_batch_size=1",
                       "--layers=0,1", "--v_num_grad_steps=3", f"--stats_source={text}",
                       "--stats_samples=64", f"--output_dir={out}", cache=tmp_path)
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
-    assert list(results["failed"]) == ["1"] and "no token" in results["failed"]["1"]
+    assert list(results["failed"]) == ["1", "3"] and "no token" in results["failed"]["1"]
+    assert "more than the model's 128 positions" in results["failed"]["3"]
+    assert "--num_edits=5 but" in result.stderr and "holds 4 records" in result.stderr
     requests = results["diagnostics"]["requests"]
     assert [r["case_id"] for r in requests] == [0, 2]
     for row in requests:

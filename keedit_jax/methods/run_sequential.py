@@ -322,7 +322,8 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
     templates = run_templates(original, cfg, tokenizer, flags, run.seed)
     logging.info("context templates %s", templates)
     failed = dict(loaded.failed)
-    records = encodable(loaded.records, tokenizer, templates, config.target, failed)
+    records = encodable(loaded.records, tokenizer, templates, config.target, failed,
+                        cfg.max_positions)
     records = unedited_neighbours([records])[0]  # the stream edits every subject
     stats = solver_statistics(loaded.moments, editor.stats_kind, flags.nullspace_threshold)
     refine = None if editor.metake is None else metake_refiner(

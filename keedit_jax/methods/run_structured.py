@@ -125,10 +125,12 @@ class StructuredRun:
 
 
 def encodable(records: Sequence[Any], tokenizer: Any, templates: Sequence[str],
-              target: TargetConfig, failed: dict[int | str, str]) -> list[Any]:
+              target: TargetConfig, failed: dict[int | str, str],
+              max_positions: int | None = None) -> list[Any]:
     """The records whose requests encode under every template; the others go into `failed`
     (with a warning each) and are skipped."""
-    found = encoding_failures(tokenizer, [r.request for r in records], templates, target)
+    found = encoding_failures(tokenizer, [r.request for r in records], templates, target,
+                              max_positions)
     for reason in found.values():
         logging.warning("skipping %s", reason)
     failed.update(found)
@@ -154,7 +156,8 @@ def load_structured_run(checkpoint: Path, model: ModelFlags, data: DataFlags,
     records = records[: data.num_edits]
     failed: dict[int | str, str] = {}
     records = encodable(records, tokenizer, ("{}",),
-                        structured_config("memit", flags, lm.config.n_layers).target, failed)
+                        structured_config("memit", flags, lm.config.n_layers).target, failed,
+                        lm.config.max_positions)
     if not records:
         raise EncodingError(f"none of the {len(failed)} records can be edited: "
                             + "; ".join(failed.values()))
@@ -227,7 +230,8 @@ def run_structured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
                               else "projector", flags.nullspace_threshold)
     templates = run_templates(params, cfg, tokenizer, flags, run.seed)
     logging.info("context templates %s", templates)
-    records = encodable(loaded.records, tokenizer, templates, config.target, failed)
+    records = encodable(loaded.records, tokenizer, templates, config.target, failed,
+                        cfg.max_positions)
     batches = unedited_neighbours([records[i:i + edit.edit_batch_size]
                                    for i in range(0, len(records), edit.edit_batch_size)])
     records = [r for batch in batches for r in batch]

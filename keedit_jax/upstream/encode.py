@@ -157,15 +157,23 @@ def request_rows(tokenizer: Any, request: Request, templates: Sequence[str],
 
 
 def encoding_failures(tokenizer: Any, requests: Sequence[Request], templates: Sequence[str],
-                      cfg: TargetConfig) -> dict[int | str, str]:
-    """The reason each request that cannot be encoded under every template fails, by case_id:
-    checked before any expensive work, so a run skips them instead of ending on them."""
+                      cfg: TargetConfig, max_positions: int | None = None
+                      ) -> dict[int | str, str]:
+    """The reason each request that cannot be encoded under every template, or whose longest
+    row exceeds the model's `max_positions`, fails, by case_id: checked before any expensive
+    work, so a run skips them instead of ending on them."""
     failures = {}
     for request in requests:
         try:
-            request_rows(tokenizer, request, templates, cfg)
+            longest = max(len(row.ids) + (not row.kl)  # a row holds all but the last target
+                          for row in request_rows(tokenizer, request, templates, cfg))
         except EncodingError as error:
             failures[request.case_id] = str(error)
+            continue
+        if max_positions is not None and longest > max_positions:
+            failures[request.case_id] = (
+                f"request {request.case_id}: prompt and target take {longest} tokens, more "
+                f"than the model's {max_positions} positions")
     return failures
 
 
