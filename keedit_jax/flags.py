@@ -25,6 +25,20 @@ STATS_SOURCE_NAMES = ("wikipedia-vital",)  # keedit_jax.stats.SOURCE_NAMES, kept
 SENTENCE_ENCODER_NAMES = ("auto", "all-minilm-l6-v2", "none", "")  # sentence_encoder.ENCODER_NAMES
 
 
+AT_LEAST_1 = (lambda v: v >= 1, "must be >= 1")
+POSITIVE = (lambda v: v > 0, "must be > 0")
+NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+
+
+def check_ranges(flags: Any, ranges: dict[str, tuple[Any, str]]) -> None:
+    """ValueError naming the first flag whose value is impossible (a negative learning rate,
+    zero steps): refused before any model is loaded."""
+    for name, (valid, requirement) in ranges.items():
+        value = getattr(flags, name)
+        if not valid(value):
+            raise ValueError(f"--{name} {requirement}, got {value}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelFlags:
     model: str = dataclasses.field(default="organism:small", metadata={
@@ -103,6 +117,7 @@ class RunFlags:
         if self.export_gguf_dtype not in gguf.GGUF_TYPES:
             raise ValueError(f"--export_gguf_dtype={self.export_gguf_dtype!r}: one of "
                              f"{', '.join(gguf.GGUF_TYPES)}")
+        check_ranges(self, {"max_new_tokens": AT_LEAST_1})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -145,6 +160,12 @@ class StructuredFlags:
         "help": "Directory with MEMIT's idf.npy and tfidf_vocab.json (consistency)."})
 
     def __post_init__(self) -> None:
+        check_ranges(self, {
+            "v_num_grad_steps": AT_LEAST_1, "v_lr": POSITIVE, "v_weight_decay": NON_NEGATIVE,
+            "clamp_norm_factor": POSITIVE, "kl_factor": NON_NEGATIVE,
+            "mom2_update_weight": NON_NEGATIVE, "alphaedit_l2": NON_NEGATIVE,
+            "nullspace_threshold": POSITIVE, "stats_samples": AT_LEAST_1,
+            "stats_max_length": NON_NEGATIVE})
         try:
             layers = [int(part) for part in self.layers.split(",")]
         except ValueError as err:
@@ -230,8 +251,10 @@ class LongFormFlags:
         if self.sentence_encoder not in names and not Path(self.sentence_encoder).is_dir():
             raise FileNotFoundError(f"--sentence_encoder={self.sentence_encoder}: not a directory "
                                     f"nor one of {', '.join(n for n in names if n)}")
-        if self.preservation_samples < 1:
-            raise ValueError("--preservation_samples must be >= 1")
+        check_ranges(self, {
+            "preservation_samples": AT_LEAST_1, "affinity_lr": POSITIVE,
+            "early_stop_loss": NON_NEGATIVE, "unke_lr": POSITIVE, "unke_steps": AT_LEAST_1,
+            "unke_weight_decay": NON_NEGATIVE, "temperature": NON_NEGATIVE})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -284,9 +307,10 @@ class SequentialFlags:
     def __post_init__(self) -> None:
         from keedit_jax.downstream import POST_PROCESSING  # noqa: PLC0415
 
-        for name in ("eval_every", "checkpoint_every", "general_tests", "drift_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        check_ranges(self, {
+            "eval_every": AT_LEAST_1, "checkpoint_every": AT_LEAST_1,
+            "general_tests": AT_LEAST_1, "drift_samples": AT_LEAST_1,
+            "correction_ridge": NON_NEGATIVE, "lyaplock_alpha": POSITIVE})
         if self.post_processing not in POST_PROCESSING:
             raise ValueError(f"--post_processing={self.post_processing!r}: one of "
                              f"{', '.join(POST_PROCESSING)}")

@@ -99,9 +99,16 @@ def test_dataset_in_the_wrong_format_names_file_record_and_field(tmp_path, tiny_
     assert not (out / "results.json").exists()
 
 
-@pytest.mark.parametrize("flag", ["--num_edits=0", "--layers=2,1", "--dtype=float8"])
+@pytest.mark.parametrize("flag", ["--num_edits=0", "--layers=2,1", "--dtype=float8",
+                                  "--v_num_grad_steps=0", "--max_new_tokens=-1", "--v_lr=-0.5",
+                                  "--clamp_norm_factor=0", "--unke_steps=0",
+                                  "--lyaplock_alpha=-1"])
 def test_invalid_flag_values(tmp_path, flag):
-    assert_clean_error(run_main("--method=memit", flag, cache=tmp_path), flag.split("=")[0])
+    """Refused before any model is loaded (the output directory is not even created)."""
+    out = tmp_path / "out"
+    result = run_main("--method=memit", flag, f"--output_dir={out}", cache=tmp_path)
+    assert_clean_error(result, flag.split("=")[0])
+    assert not out.exists()
 
 
 def test_consistency_needs_both_files(tmp_path):
