@@ -73,7 +73,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         base = [f"--flagfile={options.flagfile}", f"--num_edits={options.num_edits}",
-                f"--output_dir={Path(scratch) / 'out'}"]
+                f"--output_dir={Path(scratch) / 'out'}", "--overwrite"]
         subprocess.run([sys.executable, "-m", "keedit_jax.main", *base], check=True,
                        env={**os.environ, "KEEDIT_JAX_CACHE": "off"})  # warms the other caches
         jax_cache = Path(scratch) / "jax"

@@ -90,7 +90,7 @@ def sub_damage(edits: int) -> list[dict]:
         if not (out / "results.json").exists():
             subprocess.run([sys.executable, "-m", "keedit_jax.main",
                             "--flagfile=configs/muke.cfg", f"--num_edits={edits}",
-                            f"--output_dir={out}", *extra], check=True)
+                            f"--output_dir={out}", "--overwrite", *extra], check=True)
         rows.append({"variant": name, **sub_summary(json.loads(
             (out / "results.json").read_text()))})
         log(f"{name}: {rows[-1]}")

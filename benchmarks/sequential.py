@@ -51,7 +51,7 @@ def directory(label: str, root: Path = OUT) -> Path:
 def run(label: str, root: Path) -> None:
     out = directory(label, root)
     subprocess.run([sys.executable, "-m", "keedit_jax.main", f"--flagfile={EDITORS[label]}",
-                    f"--output_dir={out}", "--noresume"], check=True)
+                    f"--output_dir={out}", "--noresume", "--overwrite"], check=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # tens of MB; not a record
     (out / "edited_layers.safetensors").unlink(missing_ok=True)
 

@@ -28,7 +28,7 @@ METRICS = {"efficacy": "rewrite_success", "generalisation": "paraphrase_success"
 def run(method: str, batch_size: int) -> None:
     subprocess.run([sys.executable, "-m", "keedit_jax.main", f"--flagfile=configs/{method}.cfg",
                     f"--edit_batch_size={batch_size}",
-                    f"--output_dir={OUT / f'{method}_bs{batch_size}'}"], check=True)
+                    f"--output_dir={OUT / f'{method}_bs{batch_size}'}", "--overwrite"], check=True)
 
 
 def summary_row(method: str, batch_size: int) -> dict[str, object]:

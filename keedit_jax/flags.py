@@ -108,6 +108,8 @@ class RunFlags:
                 "model's metadata and tokenizer."})
     export_gguf_dtype: str = dataclasses.field(default="float16", metadata={
         "help": "Matrix type of --export_gguf: float32, float16, bfloat16 or q8_0."})
+    overwrite: bool = dataclasses.field(default=False, metadata={
+        "help": "Replace the results of an earlier run in --output_dir (refused otherwise)."})
 
     def __post_init__(self) -> None:
         from keedit_jax.models import gguf  # noqa: PLC0415 (flags stay light to import)
@@ -415,6 +417,15 @@ def define_flags(groups: tuple[type, ...] = FLAG_GROUPS,
 def from_flags(group: type, flag_values: flags.FlagValues = flags.FLAGS) -> Any:
     """The frozen config of one group from parsed flags (validation runs in __post_init__)."""
     return group(**{f.name: flag_values[f.name].value for f in dataclasses.fields(group)})
+
+
+def check_no_results(directory: Path, overwrite: bool) -> None:
+    """An earlier run's results are not replaced without --overwrite (a killed sequential run,
+    which has none yet, resumes in place)."""
+    if (directory / "results.json").exists() and not overwrite:
+        raise FileExistsError(f"--output_dir={directory} already holds results.json of an "
+                              "earlier run: pass --overwrite to replace it, or choose another "
+                              "--output_dir")
 
 
 def check_writable(directory: str | os.PathLike) -> Path:

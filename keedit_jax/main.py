@@ -86,6 +86,8 @@ def main(argv: list[str]) -> None:
         model, edit, run = configs["ModelFlags"], configs["EditFlags"], configs["RunFlags"]
         method = get_method(edit.method)
         check_method_flags(configs)
+        run_flags.check_no_results(Path(run.output_dir), run.overwrite)
+        created = not Path(run.output_dir).exists()
         output = run_flags.check_writable(run.output_dir)
         if run.export_gguf:
             run_flags.check_writable(Path(run.export_gguf).parent)
@@ -107,6 +109,8 @@ def main(argv: list[str]) -> None:
         with parallel.use_mesh(layout):
             results = method(checkpoint=checkpoint, configs=configs)
     except USER_ERRORS as err:  # bad input: one clear line, no traceback
+        if created and not any(output.iterdir()):  # nothing partial left behind
+            output.rmdir()
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:
         print(interrupted_line("SIGINT", output), file=sys.stderr)

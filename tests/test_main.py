@@ -96,7 +96,18 @@ def test_dataset_in_the_wrong_format_names_file_record_and_field(tmp_path, tiny_
                       "--dataset_format=counterfact", "--layers=0,1", f"--output_dir={out}",
                       cache=tmp_path)
     assert_clean_error(result, str(dataset), "record 1", "subject")
-    assert not (out / "results.json").exists()
+    assert not out.exists()  # created by the run, empty: removed
+
+    (out / "results.json").parent.mkdir()
+    (out / "results.json").write_text("{}")  # an earlier run's
+    refused = run_main(f"--model={model}", "--method=memit", f"--dataset={dataset}",
+                       f"--output_dir={out}", cache=tmp_path)
+    assert_clean_error(refused, f"--output_dir={out} already holds results.json", "--overwrite")
+    replaced = run_main(f"--model={model}", "--method=memit", f"--dataset={dataset}",
+                        "--dataset_format=counterfact", "--layers=0,1", f"--output_dir={out}",
+                        "--overwrite", cache=tmp_path)
+    assert_clean_error(replaced, "record 1")  # past the check, to the dataset
+    assert (out / "results.json").read_text() == "{}"  # an existing directory is kept
 
 
 @pytest.mark.parametrize("flag", ["--num_edits=0", "--layers=2,1", "--dtype=float8",
