@@ -14,9 +14,10 @@ from typing import Any, get_type_hints
 
 from absl import flags
 
-# Every method of the library (keedit_jax.methods.REGISTRY runs each).
-METHODS = ("memit", "alphaedit", "unke", "anyedit", "anyedit_star", "muke", "muke_star",
-           "memit_seq", "alphaedit_aligned", "memorize_latest", "lyaplock", "metake")
+from keedit_jax import registry
+
+# Every method of the library, in the registry's order (keedit_jax.methods.REGISTRY runs each).
+METHODS = tuple(registry.METHODS)
 DATASET_FORMATS = ("auto", "counterfact", "zsre", "akew_mquake_cf", "unkebench",
                    "akew_counterfact", "akew_mquake", "editeverything", "hallucination")
 ORGANISM_PREFIX = "organism:"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from keedit_jax.flags import METHODS
+from keedit_jax.registry import RECORDS, method_record
 
 LONGFORM_FORMATS = ("unkebench", "akew_counterfact", "akew_mquake", "editeverything",
                     "hallucination")
@@ -52,21 +52,11 @@ def _by_dataset(**kwargs: Any) -> dict[str, Any]:
     return _structured(**kwargs)
 
 
-# Filled in by the method issues as each method lands.
+PROTOCOLS: dict[str, Callable[..., dict[str, Any]]] = {
+    "by_dataset": _by_dataset, "longform": _unstructured, "sequential": _sequential}
+# Each method's runner, from its registry record's protocol.
 REGISTRY: dict[str, Callable[..., dict[str, Any]]] = {
-    "memit": _by_dataset,
-    "alphaedit": _by_dataset,
-    "unke": _unstructured,
-    "anyedit": _unstructured,
-    "anyedit_star": _unstructured,
-    "muke": _unstructured,
-    "muke_star": _unstructured,
-    "memit_seq": _sequential,
-    "alphaedit_aligned": _sequential,
-    "memorize_latest": _sequential,
-    "lyaplock": _sequential,
-    "metake": _sequential,
-}
+    record.name: PROTOCOLS[record.protocol] for record in RECORDS}
 
 POST_PROCESSED = ("memit", "memit_seq")
 
@@ -91,6 +81,4 @@ def check_method_flags(configs: dict[str, Any]) -> None:
 
 
 def get_method(name: str) -> Callable[..., dict[str, Any]]:
-    if name in REGISTRY:
-        return REGISTRY[name]
-    raise ValueError(f"unknown method {name!r}; methods: {', '.join(METHODS)}")
+    return PROTOCOLS[method_record(name).protocol]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from keedit_jax import downstream, parallel
+from keedit_jax import downstream, parallel, registry
 from keedit_jax.data import CounterFactRecord, read_dataset, without_edited_neighbours
 from keedit_jax.downstream import SolveError
 from keedit_jax.eval.structured import (
@@ -105,7 +105,7 @@ def layer_statistics(params: Params, cfg: Any, tokenizer: Any, config: Structure
     """MEMIT: E[kkᵀ] per layer; AlphaEdit: the null-space projector P per layer."""
     moments = load_or_compute(params, cfg, config.layers, tokenizer, config=stats,
                               log=logging.info, path=cache_file)
-    kind = "moment" if config.solver == "memit" else "projector"
+    kind = registry.method_record(config.solver).statistics
     return solver_statistics(moments, kind, threshold)
 
 
@@ -226,8 +226,8 @@ def run_structured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
     cfg, params, tokenizer, failed = (loaded.cfg, loaded.params, loaded.tokenizer,
                                       dict(loaded.failed))
     config = structured_config(edit.method, flags, cfg.n_layers)
-    stats = solver_statistics(loaded.moments, "moment" if edit.method == "memit"
-                              else "projector", flags.nullspace_threshold)
+    stats = solver_statistics(loaded.moments, registry.method_record(edit.method).statistics,
+                              flags.nullspace_threshold)
     templates = run_templates(params, cfg, tokenizer, flags, run.seed)
     logging.info("context templates %s", templates)
     records = encodable(loaded.records, tokenizer, templates, config.target, failed,

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from keedit_jax import downstream, parallel
+from keedit_jax import downstream, parallel, registry
 from keedit_jax.intervene import Taps, run
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.generate import bucket, left_pad
@@ -42,15 +42,9 @@ from keedit_jax.upstream.windowed import WindowResult, check_windows_finite, opt
 
 Array = jax.Array
 SolverName = Literal["memit", "alphaedit", "unke"]
+# (strategy, solver) of every method that edits long form, from the registry's records.
 METHOD_PARTS: dict[str, tuple[str, SolverName]] = {
-    "memit": ("one_for_all", "memit"),
-    "alphaedit": ("one_for_all", "alphaedit"),
-    "unke": ("one_for_all", "unke"),
-    "anyedit": ("window", "memit"),
-    "anyedit_star": ("window", "unke"),
-    "muke": ("matryoshka_affinity", "memit"),
-    "muke_star": ("matryoshka_affinity", "unke"),
-}
+    r.name: (r.strategy, r.solver) for r in registry.RECORDS if r.protocol != "sequential"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
