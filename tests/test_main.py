@@ -122,6 +122,15 @@ def test_invalid_flag_values(tmp_path, flag):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (("--method=muke", "--dataset_format=counterfact"), "is a structured format"),
+    (("--method=muke", "--dataset_format=unkebench", "--categories=news"),
+     "--categories selects EditEverything categories"),
+])
+def test_a_format_the_method_cannot_read_is_refused_first(tmp_path, flags, message):
+    assert_clean_error(run_main(*flags, cache=tmp_path), message)
+
+
 def test_consistency_needs_both_files(tmp_path):
     snippets = tmp_path / "attribute_snippets.json"
     snippets.write_text("[]")

@@ -71,6 +71,15 @@ def check_method_flags(configs: dict[str, Any]) -> None:
     if configs["SequentialFlags"].resolve_conflicts and (method != "memit_seq" or post != "none"):
         raise ValueError("--resolve_conflicts applies to memit_seq without post-processing "
                          "(its carried system λC + G is what a removal corrects)")
+    data, record = configs["DataFlags"], method_record(method)
+    if record.protocol == "longform" and data.dataset_format not in ("auto", *LONGFORM_FORMATS):
+        raise ValueError(f"--method={method} edits long-form texts: --dataset_format="
+                         f"{data.dataset_format} is a structured format (long-form formats: "
+                         f"{', '.join(LONGFORM_FORMATS)})")
+    if configs["LongFormFlags"].categories and data.dataset_format not in ("auto",
+                                                                           "editeverything"):
+        raise ValueError(f"--categories selects EditEverything categories; --dataset_format="
+                         f"{data.dataset_format} has none")
     sequential = REGISTRY[method] is _sequential or (
         REGISTRY[method] is _by_dataset and configs["EditFlags"].sequential
         and not _is_longform(configs["DataFlags"]))
