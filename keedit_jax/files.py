@@ -40,16 +40,18 @@ def default_permissions(directory: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def check_writable_directory(directory: Path, what: str) -> None:
+def check_writable_directory(directory: str | os.PathLike, what: str, remedy: str = "") -> Path:
     """Create `directory` and prove a file can be written there, before the work whose result
-    goes there (PermissionError naming it and the way out otherwise)."""
+    goes there; PermissionError naming `what` (and `remedy`) otherwise."""
+    path = Path(directory)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass  # created and removed: the directory takes new files
     except OSError as err:
-        raise PermissionError(f"{what} {directory} is not writable ({err.strerror}): set "
-                              "KEEDIT_CACHE to a writable directory") from err
+        raise PermissionError(f"{what} {path} is not writable ({err.strerror})"
+                              + (f": {remedy}" if remedy else "")) from err
+    return path
 
 
 def atomic_write(path: Path, text: str) -> Path:

@@ -8,7 +8,6 @@ maps to exactly one field and nothing drifts between the two.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -427,19 +426,6 @@ def check_no_results(directory: Path, overwrite: bool) -> None:
         raise FileExistsError(f"--output_dir={directory} already holds results.json of an "
                               "earlier run: pass --overwrite to replace it, or choose another "
                               "--output_dir")
-
-
-def check_writable(directory: str | os.PathLike) -> Path:
-    """Create the output directory and prove it is writable before any expensive work."""
-    path = Path(directory)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"--output_dir={path} is not writable: {err}") from err
-    return path
 
 
 def check_flagfiles(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:

@@ -23,6 +23,7 @@ from keedit_jax import parallel
 from keedit_jax.compile_cache import enable_compilation_cache
 from keedit_jax.data import DatasetError
 from keedit_jax.downstream import SolveError
+from keedit_jax.files import check_writable_directory
 from keedit_jax.methods import check_method_flags, get_method
 from keedit_jax.models import (
     CheckpointError,
@@ -88,9 +89,9 @@ def main(argv: list[str]) -> None:
         check_method_flags(configs)
         run_flags.check_no_results(Path(run.output_dir), run.overwrite)
         created = not Path(run.output_dir).exists()
-        output = run_flags.check_writable(run.output_dir)
+        output = check_writable_directory(run.output_dir, "--output_dir")
         if run.export_gguf:
-            run_flags.check_writable(Path(run.export_gguf).parent)
+            check_writable_directory(Path(run.export_gguf).parent, "--export_gguf's directory")
         logging.info("JAX compilation cache: %s", enable_compilation_cache())
         devices = configs["ParallelFlags"]
         layout = parallel.start(devices.mesh_config(),

@@ -141,7 +141,7 @@ def test_malformed_consistency_files_are_named(tmp_path) -> None:
     with pytest.raises(DatasetError, match=r"idf\.npy: idf of shape \(2,\) does not cover"):
         st.load_tfidf(tmp_path / "idf.npy", tmp_path / "vocab.json")
     np.save(tmp_path / "idf.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(DatasetError, match="TF-IDF files not readable"):  # never unpickled
+    with pytest.raises(DatasetError, match=r"idf\.npy: TF-IDF idf not readable"):  # no unpickling
         st.load_tfidf(tmp_path / "idf.npy", tmp_path / "vocab.json")
 
 

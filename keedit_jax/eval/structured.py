@@ -296,9 +296,12 @@ def load_tfidf(idf_path: str | pathlib.Path, vocab_path: str | pathlib.Path) -> 
     """The published `idf.npy` and `tfidf_vocab.json` (MEMIT `data/`; anchors.md §8)."""
     try:
         vocabulary = json.loads(pathlib.Path(vocab_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DatasetError(vocab_path, message=f"TF-IDF vocabulary not readable ({err})") from err
+    try:
         idf = np.load(idf_path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise DatasetError(vocab_path, message=f"TF-IDF files not readable ({err})") from err
+    except (OSError, ValueError, EOFError) as err:  # a pickled array is refused, not loaded
+        raise DatasetError(idf_path, message=f"TF-IDF idf not readable ({err})") from err
     if not isinstance(vocabulary, dict) or not all(
             isinstance(c, int) and not isinstance(c, bool) for c in vocabulary.values()):
         raise DatasetError(vocab_path, message="expected an object of term -> column index")

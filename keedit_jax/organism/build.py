@@ -365,8 +365,8 @@ def ensure_organism(size: str | OrganismSpec, cache_dir: str | os.PathLike | Non
                 log(f"rewriting the benchmark files of {target} (version {BENCHMARKS_VERSION})")
                 refresh_benchmarks(target)
             return target
-        if target.exists() and damage(target):
-            log(f"the cached organism is damaged ({damage(target)}); rebuilding it")
+        if target.exists() and (reason := damage(target)):
+            log(f"the cached organism is damaged ({reason}); rebuilding it")
         for stale in root.glob(f".{target.name}.*.*"):  # left by a killed build
             shutil.rmtree(stale, ignore_errors=True)
         source = shipped_for(spec, shipped)

@@ -122,7 +122,8 @@ def load_or_compute(params: Params, cfg: ModelConfig, layers: Iterable[int], tok
         except (KeyError, ValueError) as error:
             log(f"cache file {path} is inconsistent ({type(error).__name__}: {error}); "
                 "rebuilding")
-    check_writable_directory(Path(path).parent, "the statistics cache directory")
+    check_writable_directory(Path(path).parent, "the statistics cache directory",
+                             "set KEEDIT_CACHE to a writable directory")
     log(f"computing statistics of layers {list(layers)} from {config.source} into {path}")
     moments = compute_from_source(params, cfg, layers, tokenizer, config, log)
     save_arrays(path, moments_to_arrays(moments), expected)
