@@ -36,8 +36,8 @@ from absl import flags as absl_flags
 
 from keedit_jax import downstream
 from keedit_jax import flags as run_flags
+from keedit_jax.api import resolve_checkpoint
 from keedit_jax.data import read_longform
-from keedit_jax.main import resolve_model
 from keedit_jax.methods.metake import metake_refiner
 from keedit_jax.methods.run_sequential import in_float64, make_editor
 from keedit_jax.methods.run_structured import (
@@ -162,7 +162,7 @@ def longform_edit(loaded: Loaded, method: str, batch: int, model: str) -> Callab
 
 def method_edits(model: str, batches: dict[str, Sequence[int]]) -> dict[str, Callable[[], Any]]:
     """{"<method> @<batch>": edit callable} for each method and its batch sizes."""
-    loaded = Loaded(resolve_model(run_flags.ModelFlags(model=model)))
+    loaded = Loaded(resolve_checkpoint(run_flags.ModelFlags(model=model).model))
     calls = {}
     for method, sizes in batches.items():
         build = longform_edit if method in LONGFORM else structured_edit
@@ -215,7 +215,7 @@ def memit_batches(model: str, sizes: Sequence[int]) -> tuple[Any, Any, dict[int,
     """(run, target config, {size: ShiftBatch}) of the first CounterFact requests, encoded with
     memit.cfg's target settings and the model's context templates."""
     configs = flag_configs("configs/memit.cfg", f"--model={model}")
-    run = Loaded(resolve_model(configs["ModelFlags"])).run(configs)
+    run = Loaded(resolve_checkpoint(configs["ModelFlags"].model)).run(configs)
     target = structured_config("memit", configs["StructuredFlags"], run.cfg.n_layers).target
     templates = context_templates(run.params, run.cfg, run.tokenizer, jax.random.key(0))
     return run, target, {size: encode_requests(run.tokenizer,
@@ -242,7 +242,7 @@ def muke_batches(model: str, n_edits: int) -> tuple[Any, Any, list[WindowBatch]]
     """(run, μKE's config from configs/muke.cfg, one WindowBatch per edit): the first
     `n_edits` UnKEBench-format records, one at a time as in the papers."""
     configs = flag_configs("configs/muke.cfg", f"--model={model}")
-    loaded = Loaded(resolve_model(configs["ModelFlags"]))
+    loaded = Loaded(resolve_checkpoint(configs["ModelFlags"].model))
     run = loaded.run(configs)
     config = unstructured_config("muke", configs["StructuredFlags"], configs["LongFormFlags"],
                                  run.cfg.n_layers)

@@ -211,7 +211,7 @@ def run_sequential(suite: Suite) -> Json:
 def loop_memory(suite: Suite) -> Json:
     """Compiled memory of the shift optimisation at the largest loop batch (XLA's analysis)."""
     configs = latency.flag_configs("configs/memit.cfg", f"--model={suite.organism}")
-    loaded = latency.Loaded(latency.resolve_model(configs["ModelFlags"]))
+    loaded = latency.Loaded(latency.resolve_checkpoint(configs["ModelFlags"].model))
     run = loaded.run(configs)
     target = latency.structured_config("memit", configs["StructuredFlags"],
                                        run.cfg.n_layers).target

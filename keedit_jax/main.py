@@ -20,6 +20,7 @@ from absl import app, logging
 
 from keedit_jax import flags as run_flags
 from keedit_jax import parallel
+from keedit_jax.api import resolve_checkpoint
 from keedit_jax.compile_cache import enable_compilation_cache
 from keedit_jax.data import DatasetError
 from keedit_jax.downstream import SolveError
@@ -65,19 +66,6 @@ def interrupted_line(signame: str, output: Path) -> str:
             "the same command is run again)")
 
 
-def resolve_model(model: run_flags.ModelFlags) -> Path:
-    """A checkpoint directory: the flag's path, a GGUF file's or named real model's cached HF
-    conversion, or the organism (trained and cached if absent)."""
-    if gguf.is_gguf(model.model):
-        return gguf.hf_directory(model.model)
-    if not model.model.startswith(run_flags.ORGANISM_PREFIX):
-        return Path(model.model)
-    from keedit_jax.organism import ensure_organism  # noqa: PLC0415 (only for the organism)
-
-    return ensure_organism(model.model.removeprefix(run_flags.ORGANISM_PREFIX),
-                           log=logging.info)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: every setting is a --flag")
@@ -102,7 +90,7 @@ def main(argv: list[str]) -> None:
     started = time.perf_counter()
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        checkpoint = resolve_model(model)
+        checkpoint = resolve_checkpoint(model.model)
         cfg = config_from_hf(read_hf_config(checkpoint), str(checkpoint / "config.json"))
         parallel.check_mesh(cfg, layout.mesh.shape)
         if run.export_gguf:  # refused now, not after the edits

@@ -1,5 +1,5 @@
 """notebooks/quickstart_tpu.ipynb runs headless on CPU, top to bottom, with the tiny organism
-and two μKE edits, and shows the results table and the pre/post plot.
+and two μKE edits through the Python API, and shows the results table and the pre/post plot.
 
 The kernel gets this session's organism cache (`KEEDIT_CACHE`, the directory the `tiny`
 fixture of tests/test_organism_build.py builds into), so the organism is built once per
@@ -72,7 +72,7 @@ def test_quickstart_notebook_runs_headless(organism_cache, tmp_path, monkeypatch
     text = "".join(o.get("text", "") for o in shown if o.output_type == "stream")
     assert "processes: 1" in text and "CpuDevice" in text, text[-2000:]
     assert f"checkpoint: {organism_cache}" in text  # the session's organism, not a new one
-    assert "--num_edits=2" in text and "--mesh_fsdp=-1" in text
+    assert "mesh: {'data': 1, 'fsdp': 1, 'tensor': 1}" in text and "edited 2/2" in text
     tables = [o.data["text/markdown"] for o in shown
               if o.output_type == "display_data" and "text/markdown" in o.get("data", {})]
     assert any(TABLE_HEADER in table for table in tables), tables
@@ -86,4 +86,4 @@ def test_quickstart_notebook_runs_headless(organism_cache, tmp_path, monkeypatch
                                                              "Sub, unchanged facts"}
     for row in results["table"]:
         assert isinstance(row["post"], int | float) and 0 <= row["post"] <= 100, row
-    assert json.loads((output_dir / "config.json").read_text())["ParallelFlags"]["mesh_fsdp"] == -1
+    assert len(results["answers"]["post"]) == len(results["answers"]["pre"]) > 2

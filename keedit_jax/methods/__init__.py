@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from keedit_jax.registry import RECORDS, method_record
@@ -29,17 +30,22 @@ def _sequential(**kwargs: Any) -> dict[str, Any]:
     return run_sequential(**kwargs)
 
 
+def is_longform_file(path: str | Path) -> bool:
+    """Whether a dataset file holds long-form records (by its fields)."""
+    from keedit_jax.data import DatasetError, detect_longform_format  # noqa: PLC0415
+
+    try:
+        detect_longform_format(path)
+    except DatasetError:
+        return False
+    return True
+
+
 def _is_longform(data: Any) -> bool:
     """A long-form dataset by its format flag, or by its fields when the flag is auto."""
     if data.dataset_format != "auto" or not data.dataset:
         return data.dataset_format in LONGFORM_FORMATS
-    from keedit_jax.data import DatasetError, detect_longform_format  # noqa: PLC0415
-
-    try:
-        detect_longform_format(data.dataset)
-    except DatasetError:
-        return False
-    return True
+    return is_longform_file(data.dataset)
 
 
 def _by_dataset(**kwargs: Any) -> dict[str, Any]:

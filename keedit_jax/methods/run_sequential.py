@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,7 +39,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from safetensors.numpy import save_file
 
 from keedit_jax import downstream, parallel
 from keedit_jax.data import CounterFactRecord
@@ -64,13 +62,16 @@ from keedit_jax.flags import (
 from keedit_jax.methods.general_probe import GeneralProbe
 from keedit_jax.methods.metake import MetaKEConfig, metake_refiner
 from keedit_jax.methods.run_structured import (
+    EDITED_LAYERS,
     consistency_files,
     diagnostics_summary,
     encodable,
     greedy_generate_fn,
+    layer_kernels,
     load_structured_run,
     log_batch,
     run_templates,
+    save_edited_layers,
     solver_statistics,
     structured_config,
     unedited_neighbours,
@@ -159,11 +160,6 @@ def with_layer_kernels(params: Params, path: tuple[str, ...],
     return set_path(params, path, stacked)
 
 
-def layer_kernels(params: Params, path: tuple[str, ...], layers: Sequence[int]) -> dict:
-    stacked = get_path(params, path)
-    return {layer: stacked[layer] for layer in layers}
-
-
 def prune_total_update(params: Params, original: Params, path: tuple[str, ...],
                        layers: Sequence[int]) -> Params:
     """Naive PRUNE (ote_se §3.5): W₀ + PRUNE(W_T − W₀) against σ_max(W₀), once per layer."""
@@ -209,21 +205,6 @@ def forget_pairs(params: Params, states: dict[int, Any], stats: Mapping[int, jax
         states[layer] = states[layer]._replace(key_gram=states[layer].key_gram - k_o.T @ k_o)
         params = downstream.add_layer_delta(params, path, layer, delta)
     return params, states
-
-
-EDITED_LAYERS = "edited_layers.safetensors"
-
-
-def save_edited_layers(file: Path, params: Params, path: tuple[str, ...],
-                       layers: Sequence[int]) -> Path:
-    """The edited down-projection kernels [F, D] as `layer_<i>` tensors (our orientation, see
-    keedit_jax.downstream), written to a temporary file and renamed into place."""
-    kernels = layer_kernels(params, path, layers)
-    temporary = file.with_name(f".{file.name}.tmp")
-    save_file({f"layer_{layer}": k for layer, k in parallel.to_host(kernels).items()}, temporary,
-              metadata={"kernel_path": "/".join(path)})
-    os.replace(temporary, file)
-    return file
 
 
 def edit_metrics(records: Sequence[Any], params: Params, cfg: Any, tokenizer: Any, *,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from safetensors.numpy import save_file
 
 from keedit_jax import downstream, parallel, registry
 from keedit_jax.data import CounterFactRecord, read_dataset, without_edited_neighbours
@@ -34,7 +36,7 @@ from keedit_jax.files import atomic_write
 from keedit_jax.flags import DataFlags, EditFlags, ModelFlags, RunFlags, StructuredFlags
 from keedit_jax.methods.structured import StructuredConfig, edit_requests
 from keedit_jax.models import GenerationConfig, generate, load_model
-from keedit_jax.models.params import Params
+from keedit_jax.models.params import Params, down_proj_path, get_path
 from keedit_jax.models.tokenizer import encode_prompts, load_tokenizer, stop_token_ids
 from keedit_jax.organism.build import cache_root
 from keedit_jax.stats import (
@@ -137,6 +139,27 @@ def encodable(records: Sequence[Any], tokenizer: Any, templates: Sequence[str],
     return [r for r in records if r.case_id not in found]
 
 
+def layer_kernels(params: Params, path: tuple[str, ...], layers: Sequence[int]) -> dict:
+    """The [F, D] down-projection kernels of `layers`, by layer."""
+    stacked = get_path(params, path)
+    return {layer: stacked[layer] for layer in layers}
+
+
+EDITED_LAYERS = "edited_layers.safetensors"
+
+
+def save_edited_layers(file: Path, params: Params, path: tuple[str, ...],
+                       layers: Sequence[int]) -> Path:
+    """The edited down-projection kernels [F, D] as `layer_<i>` tensors (our orientation, see
+    keedit_jax.downstream), written to a temporary file and renamed into place."""
+    kernels = layer_kernels(params, path, layers)
+    temporary = file.with_name(f".{file.name}.tmp")
+    save_file({f"layer_{layer}": k for layer, k in parallel.to_host(kernels).items()}, temporary,
+              metadata={"kernel_path": "/".join(path)})
+    os.replace(temporary, file)
+    return file
+
+
 def warn_if_fewer(dataset: str | Path, available: int, requested: int) -> None:
     """--num_edits beyond the file's records runs them all, and says so."""
     if requested > available:
@@ -161,15 +184,23 @@ def load_structured_run(checkpoint: Path, model: ModelFlags, data: DataFlags,
     if not records:
         raise EncodingError(f"none of the {len(failed)} records can be edited: "
                             + "; ".join(failed.values()))
-    cache = cache_root() / "stats"  # shared by runs: statistics depend on model and text only
+    source, moments = layer_moments(lm.params, lm.config, tokenizer, checkpoint, flags,
+                                    flags.layer_tuple)
+    return StructuredRun(lm.config, lm.params, tokenizer, records, failed, source, moments)
+
+
+def layer_moments(params: Params, cfg: Any, tokenizer: Any, checkpoint: Path,
+                  flags: StructuredFlags, layers: Sequence[int]) -> tuple[Path, dict[int, Any]]:
+    """The statistics text and the second moments of `layers` (cached under the project
+    cache, shared by runs: they depend on the model and the text only)."""
+    cache = cache_root() / "stats"
     source = stats_source(checkpoint, flags, cache)
     stats_config = StatsConfig(source=str(source), n_samples=flags.stats_samples,
                                max_length=flags.stats_max_length or None)
-    moments = load_or_compute(lm.params, lm.config, flags.layer_tuple, tokenizer,
-                              config=stats_config, log=logging.info, path=default_cache_path(
-                                  cache, checkpoint.resolve().name, flags.layer_tuple,
-                                  stats_config))
-    return StructuredRun(lm.config, lm.params, tokenizer, records, failed, source, moments)
+    moments = load_or_compute(params, cfg, layers, tokenizer, config=stats_config,
+                              log=logging.info, path=default_cache_path(
+                                  cache, checkpoint.resolve().name, layers, stats_config))
+    return source, moments
 
 
 def greedy_generate_fn(params: Params, cfg: Any, tokenizer: Any,
@@ -251,6 +282,9 @@ def run_structured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
             failed.update({r.case_id: str(error) for r in batch})
             continue
         done["seconds"].append(time.perf_counter() - began)
+        if len(batches) == 1:  # the one edited model of the run: keep it
+            save_edited_layers(Path(run.output_dir) / EDITED_LAYERS, edited,
+                               down_proj_path(cfg), config.layers)
         done["pre"] += [pre[records.index(r)] for r in batch]
         done["post"] += evaluate(batch, edited, cfg, tokenizer, run.max_new_tokens, consistency)
         done["diagnostics"] += diagnostics["requests"]

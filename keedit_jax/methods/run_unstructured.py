@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from keedit_jax import downstream, parallel
+from keedit_jax import downstream, parallel, registry
 from keedit_jax.data import (
     AlpacaRecord,
     DatasetError,
@@ -56,14 +56,19 @@ from keedit_jax.flags import (
     RunFlags,
     StructuredFlags,
 )
-from keedit_jax.methods.run_structured import layer_statistics, stats_source, warn_if_fewer
+from keedit_jax.methods.run_structured import (
+    EDITED_LAYERS,
+    layer_moments,
+    save_edited_layers,
+    solver_statistics,
+    warn_if_fewer,
+)
 from keedit_jax.methods.unstructured import METHOD_PARTS, UnstructuredConfig, edit_longform
 from keedit_jax.models import GenerationConfig, generate, load_model
 from keedit_jax.models.generate import bucket, left_pad
-from keedit_jax.models.params import Params
+from keedit_jax.models.params import Params, down_proj_path
 from keedit_jax.models.tokenizer import encode_prompts, load_tokenizer, stop_token_ids
 from keedit_jax.organism.build import cache_root
-from keedit_jax.stats import StatsConfig, default_cache_path
 from keedit_jax.upstream import EncodingError, TargetConfig
 from keedit_jax.upstream.longform import EncodedEdit, WindowConfig, encode_edits, pack_windows
 from keedit_jax.upstream.windowed import compute_affinities
@@ -172,6 +177,30 @@ def cached_affinities(params: Params, cfg: Any, edits: Sequence[EncodedEdit], ba
     for i, row in enumerate(rows):
         padded[i, : len(row), : len(row)] = row
     return jnp.asarray(padded)
+
+
+def batch_affinity(params: Params, cfg: Any, edits: Sequence[EncodedEdit],
+                   config: UnstructuredConfig, pad_id: int, checkpoint: Path) -> Any:
+    """μKE's up-front affinities of the unedited model from the cache (computed and stored
+    when missing), or None: computed inside the edit program (in-loop affinities, or a
+    strategy without them)."""
+    if not (config.window.uses_affinity and config.window.affinity_context == "upfront"):
+        return None
+    directory = cache_root() / "affinity" / f"win{config.window.window_size}"
+    return cached_affinities(params, cfg, edits, pack_windows(edits, pad_id), config,
+                             directory, model_fingerprint(checkpoint))
+
+
+def solver_inputs(params: Params, cfg: Any, tokenizer: Any, checkpoint: Path,
+                  config: UnstructuredConfig, structured: StructuredFlags,
+                  flags: LongFormFlags) -> tuple[dict[int, Any], list[AlpacaRecord]]:
+    """What the long-form solver reads: each layer's statistic (MEMIT, AlphaEdit), or UnKE's
+    pool of preservation samples."""
+    if config.solver == "unke":
+        return {}, alpaca_pool(checkpoint, flags)
+    _, moments = layer_moments(params, cfg, tokenizer, checkpoint, structured, config.layers)
+    kind = registry.method_record(config.solver).statistics
+    return solver_statistics(moments, kind, structured.nullspace_threshold), []
 
 
 # ---------------------------------------------------------------- preservation and generation
@@ -392,17 +421,7 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
     if not edits:
         raise EncodingError(f"none of the {len(records)} records can be edited: "
                             + "; ".join(failed.values()))
-    stats, pool = {}, []
-    if config.solver == "unke":
-        pool = alpaca_pool(checkpoint, flags)
-    else:
-        cache = cache_root() / "stats"
-        stats_config = StatsConfig(source=str(stats_source(checkpoint, structured, cache)),
-                                   n_samples=structured.stats_samples,
-                                   max_length=structured.stats_max_length or None)
-        stats = layer_statistics(
-            params, cfg, tokenizer, config, stats_config, structured.nullspace_threshold,
-            default_cache_path(cache, checkpoint.resolve().name, config.layers, stats_config))
+    stats, pool = solver_inputs(params, cfg, tokenizer, checkpoint, config, structured, flags)
     from keedit_jax.eval.sentence_encoder import load_sentence_encoder  # noqa: PLC0415
 
     encoder = load_sentence_encoder(flags.sentence_encoder, cache_root() / "sentence_encoders",
@@ -417,19 +436,13 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
     sheets = FactSheets.for_dataset(dataset, records)
     pre = score(asked, pre_answers, embed, sheets)
     rng = np.random.default_rng(SAMPLE_SEED)
-    affinity_dir = cache_root() / "affinity" / f"win{config.window.window_size}"
-    fingerprint = model_fingerprint(checkpoint)
     post, seconds, current, edited_ids = [], [], params, set()
     for start in range(0, len(edits), edit.edit_batch_size):
         batch_edits = edits[start:start + edit.edit_batch_size]
         began = time.perf_counter()
-        affinity = None  # computed in the edit program when not cached
         # the cache holds affinities of the unedited model: sequential runs edit it
-        if (config.window.uses_affinity and config.window.affinity_context == "upfront"
-                and not edit.sequential):
-            affinity = cached_affinities(current, cfg, batch_edits,
-                                         pack_windows(batch_edits, pad_id), config,
-                                         affinity_dir, fingerprint)
+        affinity = None if edit.sequential else batch_affinity(
+            current, cfg, batch_edits, config, pad_id, checkpoint)
         preservation = (preservation_contexts(tokenizer, pool, flags.preservation_samples,
                                               rng, pad_id) if pool else None)
         edited, dropped, _ = edit_longform(current, cfg, batch_edits, stats, config,
@@ -448,6 +461,10 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
         current = edited if edit.sequential else params
         logging.info("edited %d/%d (%.1f s for this batch of %d)", start + len(batch_edits),
                      len(edits), seconds[-1], len(batch_edits))
+    if config.solver != "unke" and (edit.sequential or len(edits) <= edit.edit_batch_size):
+        # the run's one edited model (UnKE's regression changes whole layers: not written)
+        save_edited_layers(Path(run.output_dir) / EDITED_LAYERS, edited, down_proj_path(cfg),
+                           config.layers)
     pre_means = group_means(pre, records, edited_ids)
     post_means = group_means(post, records, edited_ids)
     steady = seconds[1:] or seconds
