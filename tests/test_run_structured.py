@@ -48,3 +48,40 @@ def test_unencodable_record_is_skipped_and_reported(tmp_path, tiny_checkpoint,
     assert json.loads((out / "partial.json").read_text())["failed"] == results["failed"]
     assert [c["case_id"] for c in results["cases"]] == [0, 2]
     assert set(results["cases"][0]["post"]) == {"rewrite_acc", "paraphrase_acc", "neighborhood_acc"}
+
+
+def test_a_failure_in_the_11th_edit_keeps_the_first_10(tmp_path, monkeypatch):
+    """A non-sequential run whose 11th request fails mid-run (its shift loss goes NaN) still
+    reports the 10 finished edits, and lists the failure beside them."""
+    from keedit_jax import flags
+    from keedit_jax.api import resolve_checkpoint
+    from keedit_jax.methods import run_structured as runner
+    from keedit_jax.upstream import NonFiniteShiftError
+
+    monkeypatch.setenv("KEEDIT_CACHE", str(tmp_path / "cache"))
+    real_edit = runner.edit_requests
+
+    def failing_on_the_11th(params, cfg, tokenizer, requests, *args, **kwargs):
+        if requests[0].case_id == 10:
+            raise NonFiniteShiftError("request 10: the shift loss is nan at step 2")
+        return real_edit(params, cfg, tokenizer, requests, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "edit_requests", failing_on_the_11th)
+    out = tmp_path / "out"
+    configs = {
+        "ModelFlags": flags.ModelFlags(model="organism:small"),
+        "DataFlags": flags.DataFlags(dataset_format="counterfact", num_edits=11),
+        "EditFlags": flags.EditFlags(method="memit", edit_batch_size=1),
+        "RunFlags": flags.RunFlags(output_dir=str(out), max_new_tokens=2),
+        "StructuredFlags": flags.StructuredFlags(
+            layers="1,2", fact_token="last", v_num_grad_steps=2, context_seeds="",
+            mom2_update_weight=200, stats_samples=64)}
+    out.mkdir()
+    results = runner.run_structured(checkpoint=resolve_checkpoint("organism:small"),
+                                    configs=configs)
+    assert [c["case_id"] for c in results["cases"]] == list(range(10))
+    assert results["failed"] == {"10": "request 10: the shift loss is nan at step 2"}
+    assert len(results["seconds_per_batch"]) == 10
+    assert results["title"].startswith("memit on 10 requests")
+    partial = json.loads((out / "partial.json").read_text())
+    assert partial["failed"] == results["failed"] and len(partial["diagnostics"]) == 10

@@ -280,6 +280,7 @@ def run_structured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
         except (NonFiniteShiftError, SolveError) as error:  # the batch is skipped, not the run
             logging.warning("skipping batch %d: %s", number, error)
             failed.update({r.case_id: str(error) for r in batch})
+            save_partial(Path(run.output_dir), done, failed)
             continue
         done["seconds"].append(time.perf_counter() - began)
         if len(batches) == 1:  # the one edited model of the run: keep it
