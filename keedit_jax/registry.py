@@ -48,6 +48,8 @@ RECORDS = (
     MethodRecord(name="alphaedit", protocol="by_dataset", strategy="one_for_all",
                  solver="alphaedit", statistics="projector",
                  paper="Fang et al. 2025, AlphaEdit: Null-Space Constrained Knowledge Editing"),
+    MethodRecord(name="rome", protocol="structured", solver="rome", statistics="moment",
+                 paper="Meng et al. 2022, Locating and Editing Factual Associations in GPT"),
     MethodRecord(name="unke", protocol="longform", strategy="one_for_all", solver="unke",
                  statistics="moment", paper="Deng et al. 2025, UnKE"),
     MethodRecord(name="anyedit", protocol="longform", strategy="window", solver="memit",

@@ -67,6 +67,7 @@ from keedit_jax.downstream._ote import (
     rect,
     resolve_conflicts,
 )
+from keedit_jax.downstream._rome import RomeHParams, RomeState, rome, rome_init, rome_update
 from keedit_jax.downstream._unke import (
     Contexts,
     NonFiniteRegressionError,
@@ -78,6 +79,7 @@ from keedit_jax.downstream._unke import (
 STRUCTURED_SOLVERS: dict[str, Callable[[Any], Solver]] = {
     "memit": lambda config: memit(config.memit),
     "alphaedit": lambda config: alphaedit(config.alphaedit),
+    "rome": lambda config: rome(config.solver_hparams or RomeHParams()),
 }
 
 __all__ = [
@@ -108,6 +110,8 @@ __all__ = [
     "MemitState",
     "NonFiniteRegressionError",
     "Readout",
+    "RomeHParams",
+    "RomeState",
     "SolveError",
     "SolveReport",
     "Solver",
@@ -127,6 +131,9 @@ __all__ = [
     "memit_system",
     "memit_update",
     "relative_residual",
+    "rome",
+    "rome_init",
+    "rome_update",
     "solve_dtype",
     "spread_residual",
     "unke_edit",
