@@ -50,7 +50,8 @@ def varied_text(tmp_path: pathlib.Path, words: str) -> pathlib.Path:
 
 
 def test_unknown_method(tmp_path):
-    assert_clean_error(run_main("--method=rome", cache=tmp_path), "--method='rome' is unknown")
+    assert_clean_error(run_main("--method=no_such_method", cache=tmp_path),
+                       "--method='no_such_method' is unknown")
 
 
 def test_every_method_has_a_runner():

@@ -13,7 +13,35 @@ def test_flags_and_runners_derive_from_the_records():
     assert METHODS == tuple(r.name for r in registry.RECORDS)
     assert all(REGISTRY[r.name] is PROTOCOLS[r.protocol] for r in registry.RECORDS)
     assert METHOD_PARTS == {r.name: (r.strategy, r.solver) for r in registry.RECORDS
-                            if r.protocol != "sequential"}
+                            if r.protocol in ("by_dataset", "longform")}
+
+
+def test_structured_solvers_come_from_one_table():
+    from keedit_jax import downstream
+    from keedit_jax.methods.structured import StructuredConfig
+    from keedit_jax.upstream import TargetConfig
+
+    structured = [r for r in registry.RECORDS if r.protocol in ("by_dataset", "structured")]
+    assert {r.solver for r in structured} <= set(downstream.STRUCTURED_SOLVERS)
+    target = TargetConfig(layer=1, v_loss_layer=1)
+    for record in structured:
+        config = StructuredConfig(layers=(1,), solver=record.solver, target=target)
+        assert config.make_solver().name == record.solver
+        assert registry.SOLVER_STATISTICS[record.solver] == record.statistics
+    with pytest.raises(ValueError, match="unknown structured solver 'nope'"):
+        StructuredConfig(layers=(1,), solver="nope", target=target)
+
+
+def test_a_structured_only_method_needs_no_strategy():
+    record = registry.MethodRecord(name="x", protocol="structured", solver="memit",
+                                   statistics="moment", paper="p")
+    assert not record.longform
+    with pytest.raises(ValueError, match="needs its strategy"):
+        registry.MethodRecord(name="x", protocol="by_dataset", solver="memit",
+                              statistics="moment", paper="p")
+    with pytest.raises(ValueError, match="has no strategy"):
+        registry.MethodRecord(name="x", protocol="structured", solver="memit",
+                              statistics="moment", paper="p", strategy="window")
 
 
 def test_structured_statistics_kind_is_the_records():

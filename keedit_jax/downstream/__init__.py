@@ -3,7 +3,14 @@
 
 Orientation: kernels are [d_in, d_out], so the down-projection kernel is W [F, D], keys are
 rows [n, F] and residuals rows [n, D]; the papers' W [D, F] is our Wᵀ (see `_linalg`).
+
+`STRUCTURED_SOLVERS` is the structured pipeline's one solver table: a registry record's
+`solver` name -> the Solver built from a `methods.structured.StructuredConfig` (each reads its
+own hyperparameter field; a solver without one reads `solver_hparams`).
 """
+
+from collections.abc import Callable
+from typing import Any
 
 from keedit_jax.downstream._alphaedit import (
     AlphaEditHParams,
@@ -18,6 +25,7 @@ from keedit_jax.downstream._layers import (
     Solver,
     add_layer_delta,
     alphaedit,
+    check_layer_count,
     edit_layers,
     init_states,
     lyaplock,
@@ -59,6 +67,7 @@ from keedit_jax.downstream._ote import (
     rect,
     resolve_conflicts,
 )
+from keedit_jax.downstream._rome import RomeHParams, RomeState, rome, rome_init, rome_update
 from keedit_jax.downstream._unke import (
     Contexts,
     NonFiniteRegressionError,
@@ -67,8 +76,15 @@ from keedit_jax.downstream._unke import (
     unke_edit,
 )
 
+STRUCTURED_SOLVERS: dict[str, Callable[[Any], Solver]] = {
+    "memit": lambda config: memit(config.memit),
+    "alphaedit": lambda config: alphaedit(config.alphaedit),
+    "rome": lambda config: rome(config.solver_hparams or RomeHParams()),
+}
+
 __all__ = [
     "POST_PROCESSING",
+    "STRUCTURED_SOLVERS",
     "LyapLockHParams",
     "LyapLockState",
     "OteHParams",
@@ -94,6 +110,8 @@ __all__ = [
     "MemitState",
     "NonFiniteRegressionError",
     "Readout",
+    "RomeHParams",
+    "RomeState",
     "SolveError",
     "SolveReport",
     "Solver",
@@ -104,6 +122,7 @@ __all__ = [
     "alphaedit_init",
     "alphaedit_system",
     "alphaedit_update",
+    "check_layer_count",
     "check_solve",
     "edit_layers",
     "init_states",
@@ -112,6 +131,9 @@ __all__ = [
     "memit_system",
     "memit_update",
     "relative_residual",
+    "rome",
+    "rome_init",
+    "rome_update",
     "solve_dtype",
     "spread_residual",
     "unke_edit",

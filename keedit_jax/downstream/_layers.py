@@ -42,11 +42,20 @@ class Solver(NamedTuple):
     [F, D] the layer's current W (PRUNE / RECT read it) and preserve [m, F] the optional
     in-context keys to keep (zero rows are padding; AnyEdit / μKE, anyedit §2.4). kernel and
     preserve are passed by keyword only. Pure and jitted; check the report with `check_solve`.
+    max_layers: the most layers one edit may span (ROME: 1); None for any number.
     """
 
     init: Callable[..., State]
     update: Callable[..., tuple[Array, State, SolveReport]]
     name: str
+    max_layers: int | None = None
+
+
+def check_layer_count(solver: Solver, layers: Sequence[int]) -> None:
+    """A ValueError naming the layers when the solver edits fewer layers than given."""
+    if solver.max_layers is not None and len(layers) > solver.max_layers:
+        raise ValueError(f"{solver.name} edits at most {solver.max_layers} layer(s) at a time; "
+                         f"got layers {', '.join(str(i) for i in layers)}: give one --layers")
 
 
 def _square_init(init: Callable[..., State]) -> Callable[..., State]:
@@ -158,6 +167,7 @@ def edit_layers(params: Params, kernel_path: Path, solver: Solver,
     layer and request ids; nothing is returned, so the caller's params and states stand.
     """
     order = ordered_layers(layers)
+    check_layer_count(solver, order)
     new_states = dict(states)
     reports: dict[int, LayerReport] = {}
     for index, layer in enumerate(order):

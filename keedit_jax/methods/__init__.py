@@ -58,8 +58,32 @@ def _by_dataset(**kwargs: Any) -> dict[str, Any]:
     return _structured(**kwargs)
 
 
+def structured_only_refusal(method: str, data: Any, sequential: bool) -> str:
+    """Why a structured-only method cannot run on these flags ("" when it can)."""
+    if _is_longform(data):
+        what = (f"--dataset_format={data.dataset_format}" if data.dataset_format != "auto"
+                else f"--dataset={data.dataset}")
+        return (f"--method={method} edits structured (subject, relation, object) requests "
+                f"only: {what} is long form (long-form methods: "
+                f"{', '.join(r.name for r in RECORDS if r.longform)})")
+    if sequential:
+        return f"--method={method} has no sequential protocol: drop --sequential"
+    return ""
+
+
+def _structured_only(**kwargs: Any) -> dict[str, Any]:
+    """A structured-only method (ROME): the structured protocol, nothing else."""
+    configs = kwargs["configs"]
+    refusal = structured_only_refusal(configs["EditFlags"].method, configs["DataFlags"],
+                                      configs["EditFlags"].sequential)
+    if refusal:
+        raise ValueError(refusal)
+    return _structured(**kwargs)
+
+
 PROTOCOLS: dict[str, Callable[..., dict[str, Any]]] = {
-    "by_dataset": _by_dataset, "longform": _unstructured, "sequential": _sequential}
+    "by_dataset": _by_dataset, "structured": _structured_only, "longform": _unstructured,
+    "sequential": _sequential}
 # Each method's runner, from its registry record's protocol.
 REGISTRY: dict[str, Callable[..., dict[str, Any]]] = {
     record.name: PROTOCOLS[record.protocol] for record in RECORDS}
@@ -82,6 +106,14 @@ def check_method_flags(configs: dict[str, Any]) -> None:
         raise ValueError(f"--method={method} edits long-form texts: --dataset_format="
                          f"{data.dataset_format} is a structured format (long-form formats: "
                          f"{', '.join(LONGFORM_FORMATS)})")
+    if record.protocol == "structured":
+        refusal = structured_only_refusal(method, data, configs["EditFlags"].sequential)
+        if refusal:
+            raise ValueError(refusal)
+    if REGISTRY[method] is _structured_only or (
+            REGISTRY[method] is _by_dataset and not configs["EditFlags"].sequential
+            and not _is_longform(data)):
+        check_structured_layers(record.solver, configs["StructuredFlags"].layer_tuple)
     if configs["LongFormFlags"].categories and data.dataset_format not in ("auto",
                                                                            "editeverything"):
         raise ValueError(f"--categories selects EditEverything categories; --dataset_format="
@@ -93,6 +125,16 @@ def check_method_flags(configs: dict[str, Any]) -> None:
         raise ValueError("--export_gguf applies to sequential runs (memit_seq, ..., or --method="
                          "memit/alphaedit --sequential): the other protocols edit the unedited "
                          "model once per batch, so no single edited model exists")
+
+
+def check_structured_layers(solver: str, layers: tuple[int, ...]) -> None:
+    """--layers the structured solver cannot edit (ROME: more than one) refused before any
+    work: a ValueError naming the layers."""
+    from keedit_jax.methods.structured import StructuredConfig  # noqa: PLC0415 (jax)
+    from keedit_jax.upstream import TargetConfig  # noqa: PLC0415
+
+    StructuredConfig(layers=layers, solver=solver,
+                     target=TargetConfig(layer=layers[-1], v_loss_layer=layers[-1]))
 
 
 def get_method(name: str) -> Callable[..., dict[str, Any]]:

@@ -62,13 +62,15 @@ ORGANISM_DATASETS = {"counterfact": "benchmarks/counterfact.json",
 
 
 def structured_config(method: str, flags: StructuredFlags, n_layers: int) -> StructuredConfig:
+    """The method's structured config: its registry record's solver, the flags' layers,
+    target step and solver hyperparameters (a solver without flags takes its defaults)."""
     layers = flags.layer_tuple
     target = TargetConfig(layer=layers[-1], v_loss_layer=n_layers - 1,
                           fact_token=flags.fact_token, v_num_grad_steps=flags.v_num_grad_steps,
                           v_lr=flags.v_lr, v_weight_decay=flags.v_weight_decay,
                           clamp_norm_factor=flags.clamp_norm_factor, kl_factor=flags.kl_factor)
     return StructuredConfig(
-        layers=layers, solver=method, target=target,
+        layers=layers, solver=registry.method_record(method).solver, target=target,
         memit=downstream.MemitHParams(mom2_update_weight=flags.mom2_update_weight),
         alphaedit=downstream.AlphaEditHParams(l2=flags.alphaedit_l2))
 
@@ -104,10 +106,11 @@ def solver_statistics(moments: Mapping[int, Any], kind: str,
 
 def layer_statistics(params: Params, cfg: Any, tokenizer: Any, config: StructuredConfig,
                      stats: StatsConfig, threshold: float, cache_file: Path) -> dict[int, Any]:
-    """MEMIT: E[kkᵀ] per layer; AlphaEdit: the null-space projector P per layer."""
+    """Per layer, the statistic the config's solver reads (`registry.SOLVER_STATISTICS`):
+    E[kkᵀ] (MEMIT) or the null-space projector P (AlphaEdit)."""
     moments = load_or_compute(params, cfg, config.layers, tokenizer, config=stats,
                               log=logging.info, path=cache_file)
-    kind = registry.method_record(config.solver).statistics
+    kind = registry.SOLVER_STATISTICS[config.solver]
     return solver_statistics(moments, kind, threshold)
 
 
@@ -168,9 +171,9 @@ def warn_if_fewer(dataset: str | Path, available: int, requested: int) -> None:
 
 
 def load_structured_run(checkpoint: Path, model: ModelFlags, data: DataFlags,
-                        flags: StructuredFlags) -> StructuredRun:
-    """Load everything; the records are checked against the bare prompt before the
-    statistics pass, so an unencodable one costs nothing and ends nothing."""
+                        flags: StructuredFlags, method: str = "memit") -> StructuredRun:
+    """Load everything; the method's config (its layers) and the records (against the bare
+    prompt) are checked before the statistics pass, so a refused one costs nothing."""
     lm = load_model(checkpoint, jnp.dtype(model.dtype), parallel.model_shardings)
     tokenizer = load_tokenizer(checkpoint, lm.config)
     dataset = data.dataset or str(checkpoint / ORGANISM_DATASETS.get(data.dataset_format, ""))
@@ -179,7 +182,7 @@ def load_structured_run(checkpoint: Path, model: ModelFlags, data: DataFlags,
     records = records[: data.num_edits]
     failed: dict[int | str, str] = {}
     records = encodable(records, tokenizer, ("{}",),
-                        structured_config("memit", flags, lm.config.n_layers).target, failed,
+                        structured_config(method, flags, lm.config.n_layers).target, failed,
                         lm.config.max_positions)
     if not records:
         raise EncodingError(f"none of the {len(failed)} records can be edited: "
@@ -253,7 +256,7 @@ def run_structured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
     edit: EditFlags = configs["EditFlags"]
     run: RunFlags = configs["RunFlags"]
     flags: StructuredFlags = configs["StructuredFlags"]
-    loaded = load_structured_run(checkpoint, model, data, flags)
+    loaded = load_structured_run(checkpoint, model, data, flags, edit.method)
     cfg, params, tokenizer, failed = (loaded.cfg, loaded.params, loaded.tokenizer,
                                       dict(loaded.failed))
     config = structured_config(edit.method, flags, cfg.n_layers)

@@ -4,7 +4,8 @@ targets (upstream.compute_targets: m* at the last edited layer)
   -> keys at each edited layer, averaged over the context templates
   -> downstream.edit_layers: per layer in increasing depth, residual spread R/(L-i),
      closed-form solve (MEMIT: λC + KKᵀ; AlphaEdit: projected, with the previous-edit cache)
-A new structured method is a new solver, not a new copy of this pipeline.
+A new structured method is a new solver in `downstream.STRUCTURED_SOLVERS` and its registry
+record, not a new copy of this pipeline nor an edit here.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,25 +40,31 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StructuredConfig:
-    """Which layers to edit and how: the target step, then one closed-form solver."""
+    """Which layers to edit and how: the target step, then one closed-form solver, named by
+    its key in `downstream.STRUCTURED_SOLVERS` (a registry record's `solver`). MEMIT and
+    AlphaEdit read their own hparams field; any other solver reads `solver_hparams` (its
+    default hyperparameters when None)."""
 
     layers: tuple[int, ...]
-    solver: Literal["memit", "alphaedit"]
+    solver: str
     target: TargetConfig
     memit: downstream.MemitHParams = downstream.MemitHParams()
     alphaedit: downstream.AlphaEditHParams = downstream.AlphaEditHParams()
+    solver_hparams: Any = None
 
     def __post_init__(self) -> None:
+        if self.solver not in downstream.STRUCTURED_SOLVERS:
+            raise ValueError(f"unknown structured solver {self.solver!r}; solvers: "
+                             f"{', '.join(downstream.STRUCTURED_SOLVERS)}")
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be increasing and distinct, got {self.layers}")
         if self.target.layer != self.layers[-1]:
             raise ValueError(f"the target layer ({self.target.layer}) must be the last edited "
                              f"layer ({self.layers[-1]}), as in MEMIT (anchors §1)")
+        downstream.check_layer_count(self.make_solver(), self.layers)
 
     def make_solver(self) -> downstream.Solver:
-        if self.solver == "memit":
-            return downstream.memit(self.memit)
-        return downstream.alphaedit(self.alphaedit)
+        return downstream.STRUCTURED_SOLVERS[self.solver](self)
 
 
 @dataclasses.dataclass(frozen=True)

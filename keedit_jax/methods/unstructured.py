@@ -44,7 +44,7 @@ Array = jax.Array
 SolverName = Literal["memit", "alphaedit", "unke"]
 # (strategy, solver) of every method that edits long form, from the registry's records.
 METHOD_PARTS: dict[str, tuple[str, SolverName]] = {
-    r.name: (r.strategy, r.solver) for r in registry.RECORDS if r.protocol != "sequential"}
+    r.name: (r.strategy, r.solver) for r in registry.RECORDS if r.longform}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
