@@ -186,6 +186,9 @@ def edit(model: LoadedModel | str | Path, requests: Sequence[Any], method: str =
                          f"method={method!r})")
     items = as_requests(requests)
     if isinstance(items[0], LongFormRecord):
+        if not record.longform:
+            raise ValueError(f"{method} edits structured requests (prompt, subject, target), "
+                             "not long-form texts")
         return _edit_longform(lm, items, chosen)
     if record.protocol == "longform":
         raise ValueError(f"{method} edits long-form texts: give question/answer requests")

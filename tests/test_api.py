@@ -173,7 +173,7 @@ def test_a_flagfile_gives_its_hyperparameters_nested_files_included(tmp_path):
     assert api.hparams_from_flagfile(child) == {"v_lr": 0.5, "layers": "1,2", "seed": 4}
 
 
-def test_edit_refuses_a_sequential_editor_and_long_form_methods_on_structured_requests():
+def test_edit_refuses_requests_of_another_protocol():
     from keedit_jax import api
 
     fake = api.LoadedModel(config=None, params={}, hf_config={}, path=pathlib.Path("."))
@@ -182,3 +182,5 @@ def test_edit_refuses_a_sequential_editor_and_long_form_methods_on_structured_re
         api.edit(fake, [request], method="memit_seq")
     with pytest.raises(ValueError, match="muke edits long-form texts"):
         api.edit(fake, [request], method="muke")
+    with pytest.raises(ValueError, match="rome edits structured requests"):
+        api.edit(fake, [{"question": "Who?", "answer": "A long answer."}], method="rome")
