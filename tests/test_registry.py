@@ -52,3 +52,18 @@ def test_structured_statistics_kind_is_the_records():
 def test_unknown_method_names_the_known_ones():
     with pytest.raises(ValueError, match="unknown method 'nope'; methods: memit, alphaedit"):
         registry.method_record("nope")
+
+
+def test_every_method_that_can_stream_has_a_sequential_editor_and_no_other_does():
+    """Sequential records, and by_dataset ones (their --sequential stream), each build an
+    editor whose statistic is what their record says; a structured-only method has none."""
+    from keedit_jax.flags import SequentialFlags, StructuredFlags
+    from keedit_jax.methods.run_sequential import SEQUENTIAL_EDITORS, make_editor
+
+    streaming = {r.name for r in registry.RECORDS if r.protocol in ("sequential", "by_dataset")}
+    assert set(SEQUENTIAL_EDITORS) == streaming
+    for name in streaming:
+        editor = make_editor(name, StructuredFlags(), SequentialFlags())
+        assert editor.stats_kind == registry.method_record(name).statistics, name
+    with pytest.raises(ValueError, match="rome has no sequential editor"):
+        make_editor("rome", StructuredFlags(), SequentialFlags())

@@ -98,43 +98,74 @@ class Editor:
     hparams: Any = None  # the solver's (MetaKE's gate and LyapLock's queue weights read them)
 
 
-def make_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
-                metake: MetaKEFlags | None = None) -> Editor:
-    """The solver of a sequential method from its flags (see the module's table)."""
-    metake = metake or MetaKEFlags()
-    lam, l2, dtype, post = (structured.mom2_update_weight, structured.alphaedit_l2,
-                            seq.solve_dtype, seq.post_processing)
-    if method == "lyaplock":
-        queue = downstream.LyapLockHParams(
-            mom2_update_weight=lam, alpha=seq.lyaplock_alpha, control=seq.lyaplock_control,
-            drift=seq.lyaplock_drift, dtype=dtype)
-        return Editor(downstream.lyaplock(queue), "moment", hparams=queue)
-    if method in ("alphaedit", "metake"):
-        meta = None if method == "alphaedit" else MetaKEConfig(
-            steps=metake.metake_steps, meta_lr=metake.metake_lr, gate=metake.metake_gate,
-            feedback=metake.metake_feedback)
-        hparams = downstream.AlphaEditHParams(l2=l2, use_key_cache=seq.alphaedit_key_cache,
-                                              dtype=dtype)
-        return Editor(downstream.alphaedit(hparams), "projector", metake=meta, hparams=hparams)
-    if method == "alphaedit_aligned":
-        return Editor(downstream.ote(downstream.OteHParams(
-            mom2_update_weight=lam, project=True, ridge=l2, dtype=dtype), method), "ote")
-    if method == "memorize_latest":
-        return Editor(downstream.ote(downstream.OteHParams(
-            mom2_update_weight=lam, accumulate_keys=False, memorize_latest=True, dtype=dtype),
-            method), "ote")
-    aligned = method == "memit_seq"
+def _lyaplock_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
+                     metake: MetaKEFlags) -> Editor:
+    queue = downstream.LyapLockHParams(
+        mom2_update_weight=structured.mom2_update_weight, alpha=seq.lyaplock_alpha,
+        control=seq.lyaplock_control, drift=seq.lyaplock_drift, dtype=seq.solve_dtype)
+    return Editor(downstream.lyaplock(queue), "moment", hparams=queue)
+
+
+def _alphaedit_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
+                      metake: MetaKEFlags) -> Editor:
+    """AlphaEdit with its key cache; MetaKE refines its targets through the same solve."""
+    meta = None if method == "alphaedit" else MetaKEConfig(
+        steps=metake.metake_steps, meta_lr=metake.metake_lr, gate=metake.metake_gate,
+        feedback=metake.metake_feedback)
+    hparams = downstream.AlphaEditHParams(l2=structured.alphaedit_l2,
+                                          use_key_cache=seq.alphaedit_key_cache,
+                                          dtype=seq.solve_dtype)
+    return Editor(downstream.alphaedit(hparams), "projector", metake=meta, hparams=hparams)
+
+
+def _aligned_alphaedit_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
+                              metake: MetaKEFlags) -> Editor:
+    return Editor(downstream.ote(downstream.OteHParams(
+        mom2_update_weight=structured.mom2_update_weight, project=True,
+        ridge=structured.alphaedit_l2, dtype=seq.solve_dtype), method), "ote")
+
+
+def _memorize_latest_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
+                            metake: MetaKEFlags) -> Editor:
+    return Editor(downstream.ote(downstream.OteHParams(
+        mom2_update_weight=structured.mom2_update_weight, accumulate_keys=False,
+        memorize_latest=True, dtype=seq.solve_dtype), method), "ote")
+
+
+def _memit_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
+                  metake: MetaKEFlags) -> Editor:
+    """Naive MEMIT or MEMIT-seq (aligned keys), with PRUNE/RECT post-processing: naive PRUNE
+    once after the stream, the others per batch in the OTE family (with Algorithm 1's error
+    correction when aligned)."""
+    lam, post, aligned = structured.mom2_update_weight, seq.post_processing, method == "memit_seq"
     if post == "none" or (post == "prune" and not aligned):
         memit = downstream.MemitHParams(mom2_update_weight=lam, accumulate_keys=aligned,
-                                        dtype=dtype)
+                                        dtype=seq.solve_dtype)
         return Editor(downstream.memit(memit), "moment", prune_at_end=post == "prune",
                       hparams=memit)
     corrected = aligned and seq.error_correction
     family = downstream.OteHParams(
         mom2_update_weight=lam, accumulate_keys=aligned, post=post, rect_keep=seq.rect_keep,
         error_correction=corrected, ridge=seq.correction_ridge if corrected else 0.0,
-        dtype=dtype)
+        dtype=seq.solve_dtype)
     return Editor(downstream.ote(family, f"{method}_{post}"), "ote", hparams=family)
+
+
+# Each method a sequential stream can run (its registry record's protocol is "sequential", or
+# "by_dataset" with --sequential), and the factory of its editor.
+SEQUENTIAL_EDITORS = {
+    "memit": _memit_editor, "memit_seq": _memit_editor, "alphaedit": _alphaedit_editor,
+    "metake": _alphaedit_editor, "alphaedit_aligned": _aligned_alphaedit_editor,
+    "memorize_latest": _memorize_latest_editor, "lyaplock": _lyaplock_editor}
+
+
+def make_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
+                metake: MetaKEFlags | None = None) -> Editor:
+    """The solver of a sequential method from its flags."""
+    if method not in SEQUENTIAL_EDITORS:
+        raise ValueError(f"{method} has no sequential editor; sequential methods: "
+                         f"{', '.join(SEQUENTIAL_EDITORS)}")
+    return SEQUENTIAL_EDITORS[method](method, structured, seq, metake or MetaKEFlags())
 
 
 def in_float64(solver: downstream.Solver) -> downstream.Solver:
