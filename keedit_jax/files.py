@@ -1,7 +1,9 @@
 """Writing outputs so that they appear complete or not at all.
 
-A checkpoint export, an organism build and a results file are staged beside their target and
-renamed into place: an interrupted run leaves the previous output (or none), never half of one.
+Every output (a checkpoint export, a GGUF file, an organism build, a statistics or affinity
+cache entry, edited layers, a results file) is staged beside its target and renamed into
+place: an interrupted run leaves the previous output (or none), never half of one.
+`staged_directory` stages a directory, `staged_file` a file, `atomic_write` a text.
 """
 
 from __future__ import annotations
@@ -54,9 +56,31 @@ def check_writable_directory(directory: str | os.PathLike, what: str, remedy: st
     return path
 
 
+@contextlib.contextmanager
+def staged_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a unique temporary sibling of `target` (same suffix, so writers that add one do
+    not); on success it is flushed to disk, given ordinary permissions and renamed over
+    `target`, on any failure or interrupt removed. Unique, so processes sharing a cache do
+    not write into each other's file."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
+                                suffix=f".tmp{target.suffix}")
+    os.close(fd)
+    temporary = Path(name)
+    try:
+        yield temporary
+        with temporary.open("rb") as written:
+            os.fsync(written.fileno())
+        default_permissions(temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write(path: Path, text: str) -> Path:
     """Write `text` to a temporary sibling and rename it over `path`."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    with staged_file(path) as temporary:
+        temporary.write_text(text)
     return path

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ from keedit_jax.eval.structured import (
     model_score_fn,
     summarize,
 )
-from keedit_jax.files import atomic_write
+from keedit_jax.files import atomic_write, staged_file
 from keedit_jax.flags import DataFlags, EditFlags, ModelFlags, RunFlags, StructuredFlags
 from keedit_jax.methods.structured import StructuredConfig, edit_requests
 from keedit_jax.models import GenerationConfig, generate, load_model
@@ -154,12 +153,11 @@ EDITED_LAYERS = "edited_layers.safetensors"
 def save_edited_layers(file: Path, params: Params, path: tuple[str, ...],
                        layers: Sequence[int]) -> Path:
     """The edited down-projection kernels [F, D] as `layer_<i>` tensors (our orientation, see
-    keedit_jax.downstream), written to a temporary file and renamed into place."""
-    kernels = layer_kernels(params, path, layers)
-    temporary = file.with_name(f".{file.name}.tmp")
-    save_file({f"layer_{layer}": k for layer, k in parallel.to_host(kernels).items()}, temporary,
-              metadata={"kernel_path": "/".join(path)})
-    os.replace(temporary, file)
+    keedit_jax.downstream), staged and renamed into place."""
+    kernels = parallel.to_host(layer_kernels(params, path, layers))
+    with staged_file(file) as temporary:
+        save_file({f"layer_{layer}": k for layer, k in kernels.items()}, temporary,
+                  metadata={"kernel_path": "/".join(path)})
     return file
 
 

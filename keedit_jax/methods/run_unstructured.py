@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +47,7 @@ from keedit_jax.eval.fact_metrics import (
     side_file,
 )
 from keedit_jax.eval.longform_metrics import EMBEDDING_KEY, score_pairs
+from keedit_jax.files import staged_file
 from keedit_jax.flags import (
     DataFlags,
     EditFlags,
@@ -170,9 +170,8 @@ def cached_affinities(params: Params, cfg: Any, edits: Sequence[EncodedEdit], ba
         for i, (path, edit) in enumerate(zip(paths, edits, strict=True)):
             k = len(edit.windows)
             rows[i] = fresh[i, :k, :k]
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # processes may share the cache
-            np.save(tmp, rows[i])
-            tmp.replace(path)
+            with staged_file(path) as temporary:  # processes may share the cache
+                np.save(temporary, rows[i])
     padded = np.ones((len(edits), n, n), np.float32)
     for i, row in enumerate(rows):
         padded[i, : len(row), : len(row)] = row

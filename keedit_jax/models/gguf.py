@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from absl import logging
 
-from keedit_jax.files import staged_directory
+from keedit_jax.files import staged_directory, staged_file
 from keedit_jax.models.config import ConfigError, ModelConfig, RopeConfig
 
 if TYPE_CHECKING:
@@ -445,8 +445,14 @@ def write_gguf(file: str | os.PathLike, cfg: ModelConfig, tensors: Mapping[str, 
         raise ValueError(f"GGUF tensor type {tensor_type!r}/{embedding_type!r} is unknown; "
                          f"export types: {', '.join(GGUF_TYPES.values())}")
     target = Path(file)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp")
+    with staged_file(target) as temporary:
+        _write_gguf(gguf, temporary, cfg, tensors, source, kinds, tensor_type, embedding_type)
+    return target
+
+
+def _write_gguf(gguf: Any, temporary: Path, cfg: ModelConfig, tensors: Mapping[str, Any],
+                source: str | os.PathLike | None, kinds: Mapping[str, Any], tensor_type: str,
+                embedding_type: str | None) -> None:
     writer = gguf.GGUFWriter(str(temporary), cfg.model_type)  # the GGUF arch of the same name
     try:
         metadata = Path(source) / METADATA_FILE if source else None
@@ -470,13 +476,8 @@ def write_gguf(file: str | os.PathLike, cfg: ModelConfig, tensors: Mapping[str, 
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
+    finally:
         writer.close()
-        os.replace(temporary, target)
-    except BaseException:
-        writer.close()
-        temporary.unlink(missing_ok=True)
-        raise
-    return target
 
 
 def _file_type(gguf: Any, tensor_type: str) -> int:

@@ -13,8 +13,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,7 +22,7 @@ import jax
 import numpy as np
 
 from keedit_jax import parallel
-from keedit_jax.files import default_permissions
+from keedit_jax.files import staged_file
 from keedit_jax.models import ModelConfig
 from keedit_jax.models.family import get_family
 from keedit_jax.models.params import Params
@@ -126,22 +124,11 @@ def _short(value: Any) -> str:
 
 def save_arrays(path: str | Path, arrays: Mapping[str, np.ndarray], metadata: Metadata,
                 readme: str = README) -> None:
-    """Write an .npz atomically: a temporary file in the same directory, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write an .npz atomically (`files.staged_file`: a shared cache gets ordinary modes)."""
     payload = {**arrays, "metadata_json": np.array(json.dumps(metadata, sort_keys=True)),
                "readme": np.array(readme), "format": np.array(FORMAT)}
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            np.savez(file, **payload)
-            file.flush()
-            os.fsync(file.fileno())
-        default_permissions(Path(temporary))  # mkstemp's 0600 would hide a shared cache
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with staged_file(path) as temporary, temporary.open("wb") as file:
+        np.savez(file, **payload)
 
 
 def load_arrays(path: str | Path, expected: Metadata,
