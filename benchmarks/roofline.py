@@ -13,7 +13,7 @@ What is counted follows what our code executes (benchmarks/README.md "Roofline")
   the weights read once per step;
 - δ loop: N stages in a `lax.scan`, each up to 25 steps of forward (layers l_WM..31 + head)
   and backward for δ only (layers l_WM+1..31 + head), batch 1, padded to a power of two;
-- MEMIT keys: `methods.unstructured.read_all_positions`, one forward of layers 0..8 per edited
+- MEMIT keys: `methods.structured.read_sites`, one forward of layers 0..8 per edited
   layer; solves: `downstream.memit_update`, K_pᵀK_p + KᵀK, a float32 Cholesky of the
   d_ff × d_ff system and two triangular solves, replicated on every device;
 - statistics: `stats.batch_sums`, one forward of layers 0..8 per token and KᵀK per edited

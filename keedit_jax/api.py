@@ -29,7 +29,7 @@ from absl import logging
 from keedit_jax import downstream, flags, parallel, registry
 from keedit_jax.data import LongFormRecord, Request, read_dataset, read_longform
 from keedit_jax.models import LoadedModel, gguf, load_model
-from keedit_jax.models.params import Params, down_proj_path
+from keedit_jax.models.params import Params, down_proj_path, set_layers
 from keedit_jax.models.tokenizer import load_tokenizer
 from keedit_jax.upstream import EncodingError
 
@@ -362,15 +362,13 @@ class SequentialEditor:
     def restore(self, directory: str | Path) -> None:
         """The latest checkpoint `save` wrote with the same model and settings (another
         configuration's is refused: CheckpointMismatchError)."""
-        from keedit_jax.methods.run_sequential import with_layer_kernels  # noqa: PLC0415
-
         store = self._checkpoints(directory)
         restored = store.restore(self._stream_state())
         store.close()
         if restored is None:
             raise FileNotFoundError(f"{directory}: no checkpoint of a SequentialEditor")
         self.batches, state, _ = restored
-        self.edited = with_layer_kernels(self.model.params, down_proj_path(self.model.config),
+        self.edited = set_layers(self.model.params, down_proj_path(self.model.config),
                                          state["kernels"])
         self.states = state["solver"]
 

@@ -57,8 +57,8 @@ def test_memit_reaches_the_targets_exactly_with_one_template(setup):
         edited, _, diag = edit_requests(params, cfg, tok, REQUESTS, ("{}",), stats, states,
                                         config)
     rows = lookup_rows(tok, REQUESTS, ("{}",), "subject_last", 0)
-    before = read_sites(params, cfg, rows.tokens, rows.mask, rows.lookup, 1, 1)[1]
-    after = read_sites(edited, cfg, rows.tokens, rows.mask, rows.lookup, 1, 1)[1]
+    before = read_sites(params, cfg, rows.tokens, rows.mask, 1, 1, rows.lookup)[1]
+    after = read_sites(edited, cfg, rows.tokens, rows.mask, 1, 1, rows.lookup)[1]
     gap = float(jnp.linalg.norm(after - z) / jnp.linalg.norm(before - z))
     assert gap < 1e-3, f"edited output misses z: relative gap {gap}"
     kernel_before, kernel_after = (get_path(p, down_proj_path(cfg)) for p in (params, edited))

@@ -14,12 +14,8 @@ import pytest
 from keedit_jax import downstream, upstream
 from keedit_jax.data import AlpacaRecord
 from keedit_jax.methods.run_unstructured import cached_row, preservation_contexts
-from keedit_jax.methods.unstructured import (
-    UnstructuredConfig,
-    edit_longform,
-    key_sites,
-    read_all_positions,
-)
+from keedit_jax.methods.structured import read_sites
+from keedit_jax.methods.unstructured import UnstructuredConfig, edit_longform, key_sites
 from keedit_jax.stats import StatsConfig, load_or_compute
 from keedit_jax.upstream.longform import WindowConfig, encode_edits
 from tests.test_main import assert_clean_error, model_directory, run_main
@@ -62,7 +58,7 @@ def moments(model, tok, tmp_path_factory):
 def _gap(model, edits, params, config, targets):
     """‖output of l_WM at the shift positions − m*‖ per window, under params."""
     sites = key_sites(edits, config.one_for_all, 0)
-    _, outputs = read_all_positions(params, model.config, sites.tokens, sites.mask,
+    _, outputs = read_sites(params, model.config, sites.tokens, sites.mask,
                                     config.layers[0], config.layers[-1])
     rows, slots = np.nonzero(sites.valid)
     return np.linalg.norm(np.asarray(outputs)[rows, sites.positions[rows, slots]]
@@ -123,7 +119,7 @@ def test_in_context_preservation_keeps_the_other_positions(tok, model, moments):
         edited, _, _ = edit_longform(model.params, model.config, edits, moments,
                                      dataclasses.replace(config, in_context_preservation=preserve),
                                      pad_id=0)
-        read = [read_all_positions(p, model.config, sites.tokens, sites.mask, 0, 1)[1]
+        read = [read_sites(p, model.config, sites.tokens, sites.mask, 0, 1)[1]
                 for p in (model.params, edited)]
         return float(np.linalg.norm(np.asarray(read[1] - read[0])[others]))
 

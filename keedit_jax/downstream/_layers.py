@@ -26,7 +26,7 @@ from keedit_jax.downstream._linalg import SolveReport, check_solve
 from keedit_jax.downstream._lyaplock import LyapLockHParams, lyaplock_init, lyaplock_update
 from keedit_jax.downstream._memit import MemitHParams, memit_init, memit_update
 from keedit_jax.downstream._ote import OteHParams, ote_init, ote_update
-from keedit_jax.models.params import Params, Path, get_path, set_path
+from keedit_jax.models.params import Params, Path, get_path, set_layers
 
 Array = jax.Array
 State = Any
@@ -145,7 +145,7 @@ def add_layer_delta(params: Params, kernel_path: Path, layer: int, delta: Array)
     if kernel.shape[1:] != delta.shape:
         raise ValueError(f"ΔW {delta.shape} does not match the kernel of layer {layer} "
                          f"{kernel.shape[1:]} at {'/'.join(kernel_path)}")
-    return set_path(params, kernel_path, kernel.at[layer].add(delta.astype(kernel.dtype)))
+    return set_layers(params, kernel_path, {layer: kernel[layer] + delta.astype(kernel.dtype)})
 
 
 def init_states(solver: Solver, layers: Sequence[int], d_ff: int, d_model: int,

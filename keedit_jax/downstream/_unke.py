@@ -38,7 +38,7 @@ from keedit_jax.intervene import Taps, run
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.family import get_family
 from keedit_jax.models.layers import AttnInputs
-from keedit_jax.models.params import Params, cast, get_path, layer, set_path
+from keedit_jax.models.params import Params, cast, layer, set_layers
 from keedit_jax.models.transformer import prompt_inputs, run_block
 
 Array = jax.Array
@@ -189,10 +189,7 @@ def _check_finite(finite: Array, trace: Array, *, index: int,
 
 def _write_layer(params: Params, cfg: ModelConfig, index: int, theta: Params) -> Params:
     """A copy of params with layer `index` of every stacked leaf replaced by θ (cast back)."""
-    path = get_family(cfg).layers_path
-    stack = get_path(params, path)
-    return set_path(params, path, jax.tree.map(
-        lambda s, x: s.at[index].set(x.astype(s.dtype)), stack, theta))
+    return set_layers(params, get_family(cfg).layers_path, {index: theta})
 
 
 def _check_sites(cfg: ModelConfig, edit: Contexts, positions: Array, valid: Array,

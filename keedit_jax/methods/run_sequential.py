@@ -78,7 +78,7 @@ from keedit_jax.methods.run_structured import (
 )
 from keedit_jax.methods.structured import edit_requests
 from keedit_jax.models.checkpoint import export_gguf
-from keedit_jax.models.params import Params, down_proj_path, get_path, set_path
+from keedit_jax.models.params import Params, down_proj_path, get_path, set_layers
 from keedit_jax.plots import CURVE_METRICS, plot_curves
 from keedit_jax.stream_checkpoint import StreamCheckpoints, run_fingerprint
 
@@ -182,20 +182,11 @@ def in_float64(solver: downstream.Solver) -> downstream.Solver:
     return downstream.Solver(init, update, solver.name)
 
 
-def with_layer_kernels(params: Params, path: tuple[str, ...],
-                       kernels: Mapping[int, jax.Array]) -> Params:
-    """params with the given layers' [F, D] kernels written into the stacked kernel."""
-    stacked = get_path(params, path)
-    for layer, kernel in kernels.items():
-        stacked = stacked.at[layer].set(jnp.asarray(kernel, stacked.dtype))
-    return set_path(params, path, stacked)
-
-
 def prune_total_update(params: Params, original: Params, path: tuple[str, ...],
                        layers: Sequence[int]) -> Params:
     """Naive PRUNE (ote_se §3.5): W₀ + PRUNE(W_T − W₀) against σ_max(W₀), once per layer."""
     now, before = layer_kernels(params, path, layers), layer_kernels(original, path, layers)
-    return with_layer_kernels(params, path, {
+    return set_layers(params, path, {
         layer: before[layer] + downstream.prune(now[layer] - before[layer], before[layer])
         for layer in layers})
 
@@ -372,7 +363,7 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
         position = 0
     else:
         position, state, progress = restored
-        params, states = with_layer_kernels(original, path, state["kernels"]), state["solver"]
+        params, states = set_layers(original, path, state["kernels"]), state["solver"]
         if registry:
             registry.load(state["registry"])
         logging.info("resuming %s at batch %d/%d (%d edits done) from %s", edit.method,

@@ -92,16 +92,19 @@ def lookup_rows(tokenizer: Any, requests: Sequence[Request], templates: Sequence
 
 
 @partial(jax.jit, static_argnames=("cfg", "key_layer", "out_layer"))
-def read_sites(params: Params, cfg: ModelConfig, tokens: Array, mask: Array, lookup: Array,
-               key_layer: int, out_layer: int) -> tuple[Array, Array]:
-    """At each row's lookup token, in one forward: the MEMIT key (down-projection input) of
-    `key_layer` [N, F] and the output of `out_layer` [N, D]."""
+def read_sites(params: Params, cfg: ModelConfig, tokens: Array, mask: Array, key_layer: int,
+               out_layer: int, lookup: Array | None = None) -> tuple[Array, Array]:
+    """In one forward: the MEMIT key (down-projection input) of `key_layer` and the output of
+    `out_layer`, at each row's lookup token ([N, F], [N, D]) or, without `lookup`, at every
+    position ([N, T, F], [N, T, D])."""
     _, captures = run(params, cfg, tokens=tokens, attention_mask=mask,
                       stop=max(key_layer, out_layer) + 1,
                       taps=Taps(mlp_key=(key_layer,), block_out=(out_layer,)))
+    keys, outputs = captures.mlp_key[key_layer], captures.block_out[out_layer]
+    if lookup is None:
+        return keys, outputs
     rows = jnp.arange(tokens.shape[0])
-    return (captures.mlp_key[key_layer][rows, lookup],
-            captures.block_out[out_layer][rows, lookup])
+    return keys[rows, lookup], outputs[rows, lookup]
 
 
 def template_weights(n_templates: int) -> np.ndarray:
@@ -131,8 +134,8 @@ class BatchReadout:
     last_layer: int
 
     def __call__(self, current: Params, layer: int) -> downstream.Readout:
-        keys, outputs = read_sites(current, self.cfg, self.tokens, self.mask, self.lookup,
-                                   layer, self.last_layer)
+        keys, outputs = read_sites(current, self.cfg, self.tokens, self.mask, layer,
+                                   self.last_layer, self.lookup)
         per_request = (keys.shape[0] // self.weights.shape[0], self.weights.shape[0])
         keys = jnp.einsum("ecf,c->ef", keys.reshape(*per_request, -1), self.weights)
         return downstream.Readout(keys=keys, outputs=outputs.reshape(*per_request, -1)[:, 0])

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from functools import partial
 from typing import Any, Literal
 
 import jax
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from keedit_jax import downstream, parallel, registry
-from keedit_jax.intervene import Taps, run
+from keedit_jax.methods.structured import read_sites
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.generate import bucket, left_pad
 from keedit_jax.models.params import Params, down_proj_path
@@ -102,17 +101,6 @@ def key_sites(edits: Sequence[EncodedEdit], prompt_only: bool, pad_id: int) -> K
     return KeySites(tokens, mask, positions, valid)
 
 
-@partial(jax.jit, static_argnames=("cfg", "key_layer", "out_layer"))
-def read_all_positions(params: Params, cfg: ModelConfig, tokens: Array, mask: Array,
-                       key_layer: int, out_layer: int) -> tuple[Array, Array]:
-    """In one forward: MEMIT keys of `key_layer` [E, T, F] and the output of `out_layer`
-    [E, T, D], at every position."""
-    _, captures = run(params, cfg, tokens=tokens, attention_mask=mask,
-                      stop=max(key_layer, out_layer) + 1,
-                      taps=Taps(mlp_key=(key_layer,), block_out=(out_layer,)))
-    return captures.mlp_key[key_layer], captures.block_out[out_layer]
-
-
 def closed_form_readout(cfg: ModelConfig, sites: KeySites, out_layer: int,
                         preserve: bool):
     """The per-layer readout of downstream.edit_layers: keys and outputs at the valid edit
@@ -124,7 +112,7 @@ def closed_form_readout(cfg: ModelConfig, sites: KeySites, out_layer: int,
     others[rows, columns] = False
 
     def readout(current: Params, layer: int) -> downstream.Readout:
-        keys, outputs = read_all_positions(current, cfg, sites.tokens, sites.mask, layer,
+        keys, outputs = read_sites(current, cfg, sites.tokens, sites.mask, layer,
                                            out_layer)
         kept = None
         if preserve:

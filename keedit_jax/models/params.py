@@ -79,6 +79,17 @@ def layer(params: Params, cfg: ModelConfig, index: int | Array) -> Params:
     return jax.tree.map(lambda x: x[index], layer_stack(params, cfg))
 
 
+def set_layers(params: Params, path: Path, layers: Mapping[int, Any]) -> Params:
+    """A copy of params with entry i of the stacked subtree at `path` (one array [L, ...] or
+    a layer's whole tree of them) replaced by layers[i], cast to the stack's dtypes: the one
+    way an edited layer is written back."""
+    stack = get_path(params, path)
+    for index, value in layers.items():
+        stack = jax.tree.map(lambda s, x, i=index: s.at[i].set(jnp.asarray(x, s.dtype)),
+                             stack, value)
+    return set_path(params, path, stack)
+
+
 def down_proj_path(cfg: ModelConfig) -> Path:
     """Path of the stacked down-projection kernel [L, F, D]: the matrix locate-and-edit changes."""
     family = get_family(cfg)
