@@ -106,6 +106,7 @@ def test_edit_gives_the_weights_of_the_command_line(tmp_path, method, flagfile, 
     _assert_same_layers(tmp_path / "cli", api)
 
 
+@pytest.mark.slow
 def test_sequential_editor_gives_the_weights_of_the_stream(tmp_path):
     cache = tmp_path / "cache"
     stream = ("--flagfile=configs/memit_seq.cfg", "--model=organism:small", "--num_edits=3",
