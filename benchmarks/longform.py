@@ -1,5 +1,5 @@
 """Long-form editing on the organism: every method on UnKEBench- and EditEverything-format files,
-and μKE's objective ablation (specs/muke.md Table 1, Fig. 4, Fig. 5-6).
+and μKE's objective ablation (docs/references.md: muke Table 1, Fig. 4, Fig. 5-6).
 
 Each run is the command line itself (`configs/<method>.cfg`, with `--num_edits=50`), so the
 tables measure what a user runs. Scores are ×100: the fact-level scores (new facts stated, old

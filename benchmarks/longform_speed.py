@@ -1,6 +1,6 @@
-"""Long-form costs as ratios in one run (specs/muke.md Table 11): μKE against AnyEdit per edit,
-with and without cached affinities; the affinity gradients vmap'd against a per-figure loop;
-the shift loop with the prefix cache against running every layer at every step.
+"""Long-form costs as ratios in one run (docs/references.md: muke Table 11): μKE against
+AnyEdit per edit, with and without cached affinities; the affinity gradients vmap'd against a
+per-figure loop; the shift loop with the prefix cache against running every layer at every step.
 
 Every figure is timed in interleaved rounds (`common.time_interleaved`) on the organism with
 its UnKEBench-format edits (configs/muke.cfg's layers and windows), compilation left out.

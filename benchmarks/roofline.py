@@ -43,7 +43,7 @@ LLAMA3_8B = published_config("Llama-3-8B")
 @dataclasses.dataclass(frozen=True)
 class Protocol:
     """μKE's Llama-3-8B protocol (configs/presets/llama3-8b-instruct_muke.cfg) and the
-    statistics pass (specs/anchors.md §3). prompt_tokens and tokens_per_article are
+    statistics pass (docs/references.md: anchors §3). prompt_tokens and tokens_per_article are
     assumptions, not read from data."""
 
     prompt_tokens: int = 30  # a chat-templated UnKEBench question

@@ -124,7 +124,8 @@ class RunFlags:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StructuredFlags:
-    """MEMIT/AlphaEdit hyperparameters; defaults are Llama3-8B's (specs/anchors.md §2.1)."""
+    """MEMIT/AlphaEdit hyperparameters; defaults are Llama3-8B's (anchors §2.1, see
+    docs/references.md)."""
 
     layers: str = dataclasses.field(default="4,5,6,7,8", metadata={
         "help": "Edited layers, increasing; the last one holds the optimised target."})
@@ -195,7 +196,7 @@ class StructuredFlags:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LongFormFlags:
-    """Long-form methods (UnKE, AnyEdit, μKE); defaults are μKE's (specs/muke.md §4). The
+    """Long-form methods (UnKE, AnyEdit, μKE); defaults are μKE's (docs/references.md: muke §4). The
     shift optimisation and the MEMIT/AlphaEdit solve also read StructuredFlags."""
 
     upstream_strategy: str = dataclasses.field(default="", metadata={
@@ -261,7 +262,7 @@ class LongFormFlags:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SequentialFlags:
-    """Sequential editing (specs/ote_se.md, specs/lyaplock.md): the stream, its checkpoints and
+    """Sequential editing (docs/references.md: ote_se, lyaplock): the stream, its checkpoints and
     evaluations, post-processing and LyapLock's constants. The solve reads StructuredFlags'
     mom2_update_weight (λ) and alphaedit_l2 (the projected solvers' ridge)."""
 
@@ -328,8 +329,9 @@ class SequentialFlags:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MetaKEFlags:
-    """MetaKE's target refinement (specs/metake.md §4); the downstream solve is AlphaEdit's
-    (StructuredFlags' alphaedit_l2, nullspace_threshold), the protocol the sequential stream."""
+    """MetaKE's target refinement (docs/references.md: metake §4); the downstream solve is
+    AlphaEdit's (StructuredFlags' alphaedit_l2, nullspace_threshold), the protocol the
+    sequential stream."""
 
     metake_steps: int = dataclasses.field(default=15, metadata={
         "help": "T, the look-ahead gradient steps per batch (0: AlphaEdit)."})

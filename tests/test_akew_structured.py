@@ -39,7 +39,7 @@ def _hop(question: str, cloze: str, answer: str) -> dict[str, Any]:
 
 def _rewrite(prompt: str, relation: str, subject: str, new: str, true: str,
              question: str) -> dict[str, Any]:
-    """One `requested_rewrite` entry with every published field (anchors.md §8)."""
+    """One `requested_rewrite` entry with every published field (anchors §8)."""
     fact = f"{prompt.format(subject)} {new}."
     return {"prompt": prompt, "relation_id": relation,
             "target_new": {"str": new, "id": f"Q{len(new)}"},

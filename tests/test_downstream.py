@@ -1,4 +1,5 @@
-"""Downstream solvers against the equations they solve (specs/anchors.md §1, §4; ote_se §2).
+"""Downstream solvers against the equations they solve (anchors §1, §4; ote_se §2; see
+docs/references.md).
 
 Our orientation: W [F, D], keys K [n, F], residuals R [n, D]. MEMIT solves
 (λC + G + KᵀK) ΔW = Kᵀ R; AlphaEdit solves (P(G + KᵀK) + L2·I) ΔW = P Kᵀ R.

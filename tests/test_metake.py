@@ -1,7 +1,8 @@
-"""MetaKE (specs/metake.md §8) on the tiny Llama: T = 0 is AlphaEdit; jax.grad of the virtual
-look-ahead objective is exactly the Structural Gradient Proxy Xᵀ·(∂L/∂W_L) + 2(V − V⁽⁰⁾);
-stop-grad feedback leaves the targets where they were; the exact hypergradient through the
-multi-layer realization is a descent direction that the proxy points along."""
+"""MetaKE (docs/references.md: metake §8) on the tiny Llama: T = 0 is AlphaEdit; jax.grad of
+the virtual look-ahead objective is exactly the Structural Gradient Proxy
+Xᵀ·(∂L/∂W_L) + 2(V − V⁽⁰⁾); stop-grad feedback leaves the targets where they were; the exact
+hypergradient through the multi-layer realization is a descent direction that the proxy
+points along."""
 
 from __future__ import annotations
 

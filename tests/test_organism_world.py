@@ -2,7 +2,7 @@
 
 Checks are against independent truth: the lexicon's closed vocabularies, the published files in
 the shared data directory (field names, types and nesting), and the format descriptions of
-anchors.md §8 for the files that are not available here.
+anchors §8 for the files that are not available here.
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def test_generated_records_match_the_published_files(world, name):
         _assert_same_shape(record, real, f"{name}[{i}]")
 
 
-# The formats of the files that are not available here, as anchors.md §8 describes them (and,
+# The formats of the files that are not available here, as anchors §8 describes them (and,
 # for the AKEW fields shared with MQuAKE-CF, as akew_MQuAKE-CF.json has them).
 _TARGET = {"str": "", "id": ""}
 COUNTERFACT_SHAPE = {

@@ -1,6 +1,6 @@
-"""The sequential solvers against the one-time solutions they claim to equal (specs/ote_se.md
-§2.5-2.10, §9) and LyapLock against its queue recursion and its own objective
-(specs/lyaplock.md §2.5-2.6, §8). Random keys, float64 under a local `jax.enable_x64(True)`.
+"""The sequential solvers against the one-time solutions they claim to equal (docs/references.md:
+ote_se §2.5-2.10, §9) and LyapLock against its queue recursion and its own objective
+(lyaplock §2.5-2.6, §8). Random keys, float64 under a local `jax.enable_x64(True)`.
 
 Our orientation: W [F, D], keys [n, F], values [n, D]; C stands for λ·E[kkᵀ] = K₀ᵀK₀.
 """

@@ -1,6 +1,7 @@
 """Long-form upstream: windows, every strategy's token weights (hand-computed, incl. the worked
-example of specs/muke.md §2.5), the affinity gradients against per-figure jax.grad, Eq. 9's
-split of the parallel gradient, and the windowed loop against independent replays."""
+example of muke §2.5 in docs/references.md), the affinity gradients against per-figure
+jax.grad, Eq. 9's split of the parallel gradient, and the windowed loop against independent
+replays."""
 
 from __future__ import annotations
 

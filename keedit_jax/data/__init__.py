@@ -1,16 +1,16 @@
 """Dataset readers and the request types the methods consume.
 
-- `read_counterfact`: CounterFact / MCF -> `CounterFactRecord` (anchors.md §8, §7.1).
+- `read_counterfact`: CounterFact / MCF -> `CounterFactRecord` (anchors §8, §7.1).
 - `read_zsre`: ZsRE (MEND split) -> `ZsreRecord`; the edit target convention is a choice
-  (`target="alt"` EasyEdit, `"answers"` MEMIT; anchors.md §7.2).
+  (`target="alt"` EasyEdit, `"answers"` MEMIT; anchors §7.2).
 - `read_akew_mquake_cf`: AKEW MQuAKE-CF's rewrites as CounterFact cases, with a neighbourhood
   proxy from other cases (`akew_structured`); `without_edited_neighbours` drops edited ones.
 - `read_dataset(path, format)`: the `--dataset_format` dispatcher, with "auto" detection.
 - `read_longform(path, format)`: UnKEBench (v2/v3), AKEW-CounterFact, AKEW-MQuAKE,
-  EditEverything and the hallucination set -> `LongFormRecord` (muke.md §5.1); `read_alpaca`
+  EditEverything and the hallucination set -> `LongFormRecord` (muke §5.1); `read_alpaca`
   -> `AlpacaRecord` (UnKE's preservation samples).
 - `read_general_task(s)`: the GLUE-style general-capability subsets (SST-2, MRPC, CoLA, RTE,
-  NLI, MMLU, ...) -> `GeneralExample` 0-shot prompts with labels (ote_se.md §5.4).
+  NLI, MMLU, ...) -> `GeneralExample` 0-shot prompts with labels (ote_se §5.4).
 Every reader validates the whole file first and raises one `DatasetError` naming the file and
 each malformed record field.
 """

@@ -1,6 +1,6 @@
 """AKEW MQuAKE-CF read under the CounterFact protocol: each rewrite a `CounterFactRecord`.
 
-The file (`AnyEdit/data/AKEW/MQuAKE-CF.json`, anchors.md §8) holds real CounterFact-format edits
+The file (`AnyEdit/data/AKEW/MQuAKE-CF.json`, anchors §8) holds real CounterFact-format edits
 in each record's `requested_rewrite` list: {"prompt": "{} is a citizen of", "relation_id",
 "subject", "target_new": {"str", "id"}, "target_true": {"str", "id"}, "question", "fact_new",
 "fact_new_uns", ...}. `longform.read_akew_mquake` reads the same file in the long-form setting
@@ -14,7 +14,7 @@ structured edit (`--dataset_format=akew_mquake_cf`):
 - Efficacy: the rewrite prompt -> `target_new` (vs `target_true`), as CounterFact.
 - Generalisation: the entry's `question` (the prompt asked as a question) is the one
   paraphrase prompt, scored as CounterFact's paraphrases (EasyEdit's reading of this file also
-  uses `question` as the paraphrase; anchors.md §8).
+  uses `question` as the paraphrase; anchors §8).
 - Specificity: the file has no neighbourhood prompts, so the proxy is the rewrite prompts of
   `NEIGHBOURS` other cases, each scored against *its own* `target_true` versus this case's
   `target_new` (CounterFact's test: does the new object leak onto unrelated subjects?).

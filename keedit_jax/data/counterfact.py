@@ -1,6 +1,6 @@
 """CounterFact and MultiCounterFact (MEMIT's `counterfact.json`, `multi_counterfact.json`).
 
-Both files share one record layout (anchors.md §8):
+Both files share one record layout (anchors §8):
 
     {"case_id", "pararel_idx",
      "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id", "subject",
@@ -8,7 +8,7 @@ Both files share one record layout (anchors.md §8):
      "paraphrase_prompts": [2], "neighborhood_prompts": [10], "attribute_prompts": [...],
      "generation_prompts": [...]}
 
-Which answer each prompt list is scored against (the MEMIT protocol, anchors.md §7.1):
+Which answer each prompt list is scored against (the MEMIT protocol, anchors §7.1):
 paraphrase prompts -> `target_new` (generalisation); neighbourhood prompts are other subjects
 that share the true object -> `target_true` (specificity); attribute prompts are subjects that
 already have the new object -> `target_new`; generation prompts are free-text prefixes for

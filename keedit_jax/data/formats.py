@@ -2,7 +2,7 @@
 
 Formats: "counterfact" and "mcf" (one layout, MEMIT's CounterFact / MultiCounterFact), "zsre"
 (the MEND split), "akew_mquake_cf" (AKEW MQuAKE-CF's rewrites as CounterFact cases,
-`akew_structured`), and "auto", which looks at the first record's fields (anchors.md §8):
+`akew_structured`), and "auto", which looks at the first record's fields (anchors §8):
 a `requested_rewrite` object means CounterFact, a list of them AKEW MQuAKE-CF, {`src`, `alt`,
 `answers`, `loc`} ZsRE. The readers then validate every record, so a detection by one record
 cannot half-read a file. (The command line sends an "auto" AKEW file to the long-form protocol,

@@ -1,7 +1,7 @@
 r"""General-capability ("GLUE") tasks of the sequential-editing papers, as 0-shot prompts.
 
 The files are the AlphaEdit `glue_eval/dataset/*.pkl` subsets converted unchanged to JSON lists
-(ote_se.md §5.4, lyaplock.md §5.3, metake.md §5.4). As in that harness, the first `n_reserved`
+(ote_se §5.4, lyaplock §5.3, metake §5.4). As in that harness, the first `n_reserved`
 (10) records of a file are kept for few-shot exemplars and the test examples are the next
 `n_tests` (100); the whole file is still validated, so a malformed record anywhere is reported.
 
@@ -34,7 +34,7 @@ Tibetans living in exile." -> "The Dalai Lama has been living in exile since 10,
 AlphaEdit harness instead reads RTE label 0 as "False" (its few-shot answers and its parser map
 "false" to 0), i.e. it scores RTE against inverted labels; this matches the published RTE F1s
 (LLaMA-3 0.284, Qwen2.5 0.226) sitting far below NLI (0.666, 0.809), a task of the same kind
-(ote_se.md Table 11). `rte_labels="alphaedit"` reproduces that convention (0 -> False,
+(ote_se Table 11). `rte_labels="alphaedit"` reproduces that convention (0 -> False,
 1 -> True) for comparison with the papers; the default "glue" is the correct one.
 
 Prompt templates are the harness's strings. The spec quotes CoLA as

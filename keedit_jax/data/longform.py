@@ -1,6 +1,6 @@
 """Readers of the long-form (unstructured) editing benchmarks, all returning `LongFormRecord`.
 
-Field mappings follow the reference code (muke.md §5.1, anyedit.md §5, anchors.md §8):
+Field mappings follow the reference code (muke §5.1, anyedit §5, anchors §8):
 
 - UnKEBench v2/v3: `question`, `para_question`, `answer`; all `sub_question` / `sub_answer`.
 - AKEW CounterFact: question `requested_rewrite.prompt_full`, paraphrase
@@ -252,7 +252,7 @@ def read_alpaca(path: str | pathlib.Path) -> tuple[AlpacaRecord, ...]:
 
 
 def _detect(path: str | pathlib.Path, records: list[Any]) -> str:
-    """The long-form format from the first record's fields (anchors.md §8)."""
+    """The long-form format from the first record's fields (anchors §8)."""
     if not records or not isinstance(records[0], dict):
         raise DatasetError(path, message="cannot detect the format: no record object first")
     first = records[0]

@@ -1,10 +1,10 @@
-"""ZsRE in the MEND split (`zsre_mend_eval.json`, μKE's `zsre_mend_edit.json`; anchors.md §8).
+"""ZsRE in the MEND split (`zsre_mend_eval.json`, μKE's `zsre_mend_edit.json`; anchors §8).
 
 Record: {"subject", "src", "pred", "rephrase", "alt", "answers": [..], "loc": "nq question: …",
 "loc_ans", "cond", ["portability"]}. The request prompt is `src` with the subject replaced by
-"{}", exactly as MEMIT's `dsets/zsre.py` builds it (anchors.md §7.2).
+"{}", exactly as MEMIT's `dsets/zsre.py` builds it (anchors §7.2).
 
-Which answer is the edit target is where the reference code bases disagree (anchors.md §7.2):
+Which answer is the edit target is where the reference code bases disagree (anchors §7.2):
 - `target="alt"` (default; EasyEdit, and the MEMIT forks that comment `answers[0]` out): edit
   towards `alt`, with `answers[0]` as the true object. In the organism's files `alt` is the
   counterfactual and `answers` the truth the model already knows, so this is the only choice
@@ -13,7 +13,7 @@ Which answer is the edit target is where the reference code bases disagree (anch
   the published MEMIT/AlphaEdit ZsRE tables): edit towards `answers[0]`; MEMIT's `target_true`
   is the placeholder "<|endoftext|>", which no ZsRE metric reads, so ours is None.
 
-Specificity prompts (anchors.md §7.2): MEMIT scores `loc + "?"` followed by " " + `loc_ans`,
+Specificity prompts (anchors §7.2): MEMIT scores `loc + "?"` followed by " " + `loc_ans`,
 one teacher-forced token at a time (`loc_prompt`, `loc_ans`); the question keeps its
 "nq question: " prefix, as in MEMIT.
 """

@@ -1,4 +1,5 @@
-"""AlphaEdit's null-space-projected layer update (specs/anchors.md §4, ote_se.md §2.2, §3.2).
+"""AlphaEdit's null-space-projected layer update (anchors §4, ote_se §2.2, §3.2;
+docs/references.md).
 
 Paper, ote_se Eq. (2), in the papers' orientation: Δ_p = R_p K_pᵀ P (K_prev K_prevᵀ P +
 K_p K_pᵀ P + I)⁻¹. The reference code (anchors §4) solves the transposed system with the ridge

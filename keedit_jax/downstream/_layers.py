@@ -1,5 +1,5 @@
-"""The multi-layer MEMIT insertion loop (specs/anchors.md §1 "Per-layer insertion",
-ote_se.md §3.0), written over any closed-form solver with optax's (init, update) shape.
+"""The multi-layer MEMIT insertion loop (docs/references.md: anchors §1 "Per-layer insertion",
+ote_se §3.0), written over any closed-form solver with optax's (init, update) shape.
 
 Layers are edited in increasing depth. Before layer i of L, the caller's `readout` recomputes,
 under the params edited so far, the keys at that layer and the output of the last edited layer

@@ -1,4 +1,4 @@
-"""LyapLock (specs/lyaplock.md): sequential editing with a virtual queue that bounds the
+"""LyapLock (docs/references.md: lyaplock): sequential editing with a virtual queue that bounds the
 long-term preservation loss.
 
 Per edited layer, one queue Z (lyaplock §2.1 Eq. 7, §7 #3):

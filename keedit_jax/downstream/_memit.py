@@ -1,4 +1,5 @@
-"""MEMIT's closed-form layer update (specs/anchors.md §1 "Per-layer insertion", §2.1, §3).
+"""MEMIT's closed-form layer update (anchors §1 "Per-layer insertion", §2.1, §3;
+docs/references.md).
 
 In our orientation (see `_linalg`), with C = E[k kᵀ] the normalised, uncentred second moment
 of the layer's down-projection inputs (the stored sum divided by its count, anchors §3) and

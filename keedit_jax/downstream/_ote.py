@@ -1,4 +1,4 @@
-"""OTE-aligned sequential solvers (specs/ote_se.md): one closed form for the whole family.
+"""OTE-aligned sequential solvers (ote_se, docs/references.md): one closed form for the family.
 
 Our orientation (see `_linalg`): W [F, D], keys K [n, F], residuals R [n, D] = V − K W_{t−1}
 against the *current* weights, C = λ·E[kkᵀ] the preserved-key term (λC stands in for K₀ᵀK₀,

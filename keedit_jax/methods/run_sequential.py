@@ -7,7 +7,7 @@
     checkpoint of the edited layers, solver states, stream position and metrics.
 
 A killed run started again with the same flags resumes at its last checkpoint (see
-`keedit_jax.stream_checkpoint`). The editors (specs/ote_se.md §3, specs/lyaplock.md §3):
+`keedit_jax.stream_checkpoint`). The editors (docs/references.md: ote_se §3, lyaplock §3):
 
 | method | solver |
 |---|---|

@@ -1,4 +1,4 @@
-"""The long-form protocol run (specs/muke.md §5.2-5.3; anyedit.md §6).
+"""The long-form protocol run (docs/references.md: muke §5.2-5.3; anyedit §6).
 
 Read records -> generate answers on the unedited model -> per edit batch: edit, generate for
 the question, its paraphrase and the sub-questions, restore (unless --sequential) -> score

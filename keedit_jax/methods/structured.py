@@ -1,4 +1,4 @@
-"""MEMIT and AlphaEdit as compositions of the shared parts (specs/anchors.md §1, §4).
+"""MEMIT and AlphaEdit as compositions of the shared parts (docs/references.md: anchors §1, §4).
 
 targets (upstream.compute_targets: m* at the last edited layer)
   -> keys at each edited layer, averaged over the context templates

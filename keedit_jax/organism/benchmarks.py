@@ -1,4 +1,4 @@
-"""Editing benchmarks generated from the world, in the published file formats (anchors.md §8).
+"""Editing benchmarks generated from the world, in the published file formats (anchors §8).
 
 The readers of the real files read these too, so every field has the real name, type and
 nesting; only the content is synthetic. Edit targets are the world's counterfactuals.
@@ -26,7 +26,7 @@ Choices where the formats leave room:
   formats have no field for it. AKEW's `fact_new_uns` changes only the requested rewrite, as
   its single `target_new` implies (the world's own `counterfactual_text` changes 2-3 facts).
 - ZsRE keeps the real semantics: `answers` and `pred` are the true object (the organism knows
-  it), `alt` the counterfactual. MEMIT's reader edits towards `answers[0]` (anchors.md §7.2),
+  it), `alt` the counterfactual. MEMIT's reader edits towards `answers[0]` (anchors §7.2),
   which for the organism is a no-op; EasyEdit's reader edits towards `alt`.
 - CounterFact `pararel_idx` is the fact's index in `World.facts` (there is no ParaRel here).
 - AKEW MQuAKE: one rewrite per record, always the first hop (a person fact); chains go through

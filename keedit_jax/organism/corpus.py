@@ -2,7 +2,7 @@
 
 Plain documents teach the facts as text (every cloze template, and question-answer lines as
 ZsRE's `src + " " + answer` prompts see them); chat exchanges teach the same facts and the long
-texts behind the chat template, which is how the unstructured benchmarks ask (muke.md §5.4).
+texts behind the chat template, which is how the unstructured benchmarks ask (muke §5.4).
 The model trains on every template and request: paraphrase prompts measure generalisation over
 wordings the model knows, not over unseen ones. Counterfactual objects and texts never appear.
 """

@@ -2,7 +2,7 @@
 
 Everything here is data. `world.build_world` draws names and facts from it with a seeded
 generator, so the world is a pure function of its seed. Relation ids follow Wikidata (P19 =
-place of birth, ...) so that benchmark records look like the published ones (anchors.md §8).
+place of birth, ...) so that benchmark records look like the published ones (anchors §8).
 
 Template conventions:
 - cloze `templates` end just before the object, which follows after one space (CounterFact's

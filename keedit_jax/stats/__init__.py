@@ -1,7 +1,7 @@
 """Second-moment statistics of the edited layers and AlphaEdit's null-space projectors.
 
 E[k kᵀ] of the down-projection input ("MLP key") of every edited layer comes from one
-streaming pass that stops after the last edited layer (specs/anchors.md §3); sums, counts
+streaming pass that stops after the last edited layer (docs/references.md: anchors §3); sums, counts
 and metadata are cached on disk under explicit names; P = U₀U₀ᵀ over the eigenvalues of the
 normalised moment below 2e-2 (anchors §4).
 

@@ -13,7 +13,7 @@ PlainTextDocuments = Literal["paragraph", "line"]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StatsConfig:
-    """How E[k kᵀ] is collected (specs/anchors.md §3).
+    """How E[k kᵀ] is collected (docs/references.md: anchors §3).
 
     source: the local text file (.jsonl, .parquet, or plain text).
     text_field: the jsonl / parquet field holding a document.

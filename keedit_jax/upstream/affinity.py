@@ -1,4 +1,4 @@
-"""μKE's affinity coefficients (specs/muke.md §2.5, Eq. 12; §7.2-7.4).
+"""μKE's affinity coefficients (docs/references.md: muke §2.5, Eq. 12; §7.2-7.4).
 
 For stage i: T_aff Adam steps (lr 0.5, no clamp, from δ = 0) on the first figure's loss
 (token-mean NLL of window i + weight decay); at each visited δ^t, the gradient of every figure

@@ -1,7 +1,7 @@
 """Hyperparameters of the memory-shift (target) optimisation, MEMIT's `compute_z`.
 
-Defaults are the structured-editing values for Llama3-8B (specs/anchors.md §2.1, identical in
-the MEMIT, AlphaEdit and LyapLock files). Unstructured presets (AnyEdit, μKE) override
+Defaults are the structured-editing values for Llama3-8B (docs/references.md: anchors §2.1,
+identical in the MEMIT, AlphaEdit and LyapLock files). Unstructured presets (AnyEdit, μKE) override
 v_lr / v_weight_decay / clamp_norm_factor / kl_factor / early_stop_loss (anchors §2.2,
 muke §2.6).
 """

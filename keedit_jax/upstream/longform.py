@@ -1,4 +1,5 @@
-"""Long-form requests -> the windowed shift problem (specs/muke.md §1.3, §3; anyedit.md §2.1-2.2).
+"""Long-form requests -> the windowed shift problem (muke §1.3, §3; anyedit §2.1-2.2; see
+docs/references.md).
 
 For one request, X = the chat-templated question (no system prompt, muke §5.4) and Y = the
 answer + the end-of-turn token, tokenised without special tokens (muke §1.3: a leading BOS is

@@ -1,8 +1,8 @@
 """Windows over a long target and the token weights of every upstream strategy.
 
 A target of M tokens (answer + end-of-turn) is cut into windows [s_i, e_i) of w tokens,
-starting every w − overlap tokens (specs/anyedit.md §2.1; muke.md §1.3); shift δ_i sits at the
-token before window i. Each strategy is a choice of per-token NLL weights for the stage that
+starting every w − overlap tokens (docs/references.md: anyedit §2.1; muke §1.3); shift δ_i sits
+at the token before window i. Each strategy is a choice of per-token NLL weights for the stage that
 optimises δ_i (DESIGN "One edit, as data"), written once here over target-relative token
 indices u ∈ [0, M):
 
