@@ -254,7 +254,8 @@ def muke_batches(model: str, n_edits: int) -> tuple[Any, Any, list[WindowBatch]]
 
 def affinity_variants(model: str, n_edits: int) -> dict[str, Callable[[], Any]]:
     """μKE's up-front affinities of `n_edits` records, one at a time as in the papers: figure
-    gradients vmap'd (ours) against one jax.grad per figure (the reference)."""
+    gradients as the library computes them (affinity_gradients "used") against one jax.grad
+    per figure (the reference)."""
     run, config, batches = muke_batches(model, n_edits)
     looped = dataclasses.replace(config.window, affinity_gradients="loop")
 
@@ -287,10 +288,11 @@ def memit_paths(params: Any, cfg: Any, target: Any, batches: dict[int, Any]) -> 
 
 
 def muke_paths(params: Any, cfg: Any, target: Any, window: Any, batch: WindowBatch) -> Paths:
-    """μKE's upstream for one batch: affinities vmap'd, then `optimise_windows` with the prefix
-    cache and logits at the read positions, against affinities one jax.grad per figure, then
-    every layer at every step and logits at every position; and their δ agreement. Both are
-    compiled (the naive windowed loop is not Python-stepped; `memit_paths` times that)."""
+    """μKE's upstream for one batch: affinities (the library's default), then
+    `optimise_windows` with the prefix cache and logits at the read positions, against
+    affinities one jax.grad per figure, then every layer at every step and logits at every
+    position; and their δ agreement. Both are compiled (the naive windowed loop is not
+    Python-stepped; `memit_paths` times that)."""
     naive_batch = dataclasses.replace(batch, shift=read_every_position(batch.shift))
     looped = dataclasses.replace(window, affinity_gradients="loop")
 

@@ -12,7 +12,8 @@ Programs (the library's own jitted functions, as the μKE run calls them):
   stats 8k     the same for the longest bucket: one 8192-token row, padded with empty rows
                to the data × fsdp axes (parallel.put_rows), so one row per fsdp shard
   affinities   μKE's up-front affinities (upstream.windowed.compute_affinities), one edit,
-               every figure's gradient from one vmap'd backward (the default)
+               every figure's gradient from one vmap'd backward (affinity_gradients
+               "vmap", the most memory; the default "used" runs them in turn)
   affinities loop  the same with affinity_gradients="loop" (one jax.grad per figure)
   shifts       μKE's shift optimisation (upstream.windowed.optimise_windows, affinities
                given): 25 steps per window, δ at layer 8, loss at the last layer
@@ -162,7 +163,8 @@ def _programs(cfg: Any, window_size: int, dtype: str, layout: Any
                       v_num_grad_steps=25, v_lr=0.5, v_weight_decay=1e-3,
                       clamp_norm_factor=4.0, kl_factor=0.0, early_stop_loss=1e-2)
     wc = WindowConfig(strategy="matryoshka_affinity", window_size=window_size,
-                      coefficient_order="paper", affinity_steps=3, affinity_lr=0.5)
+                      coefficient_order="paper", affinity_steps=3, affinity_lr=0.5,
+                      affinity_gradients="vmap")
     e, n = batch.starts.shape
     programs["affinities"] = (compute_affinities, (params, cfg, batch, hp, wc), {})
     loop = dataclasses.replace(wc, affinity_gradients="loop")

@@ -214,8 +214,10 @@ class LongFormFlags:
     affinity_steps: int = dataclasses.field(default=3, metadata={"help": "T_aff."})
     affinity_lr: float = dataclasses.field(default=0.5, metadata={
         "help": "Adam lr of the affinity trajectory."})
-    affinity_gradients: str = dataclasses.field(default="vmap", metadata={
-        "help": "Figure gradients by one vmap'd backward (vmap) or one per figure (loop)."})
+    affinity_gradients: str = dataclasses.field(default="used", metadata={
+        "help": "Figure gradients: one backward per existing figure after one forward "
+                "(used), one vmap'd backward over all padded figures (vmap), or one forward "
+                "and backward per figure (loop)."})
     early_stop_loss: float = dataclasses.field(default=1e-2, metadata={
         "help": "Stop a window's optimisation below this loss (MEMIT-based 1e-2, UnKE-based "
                 "5e-3)."})

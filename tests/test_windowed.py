@@ -129,6 +129,17 @@ def _batch(tok, model, strategy="matryoshka_affinity"):
     return wc, edits, pack_windows(edits, tok.pad_token_id)
 
 
+def test_shape_buckets_pad_at_most_a_quarter_beyond_32():
+    from keedit_jax.models.generate import bucket, fine_bucket
+
+    assert [fine_bucket(n) for n in (1, 5, 17, 32, 33, 41, 129, 159, 161, 257)] == [
+        1, 8, 32, 32, 40, 48, 160, 160, 192, 320]
+    for n in range(1, 2100):
+        size = fine_bucket(n, 8)
+        assert n <= size <= bucket(n, 8) and (size <= 32 or (size % 8 == 0 and size < 1.25 * n))
+    assert len({fine_bucket(n) for n in range(33, 4097)}) == 4 * 7  # four per doubling
+
+
 def test_encoding_places_each_shift_before_its_window(tok, model):
     _, edits, batch = _batch(tok, model)
     for row, edit in enumerate(edits):
@@ -196,16 +207,19 @@ def test_vmapped_figure_gradients_equal_a_per_figure_grad_loop(tok, model, hp):
         return hp.v_weight_decay * upstream.safe_norm(x) / upstream.safe_norm(problem.h[1, 1]) ** 2
 
     @jax.jit
-    def all_three(x):
+    def all_four(x):
         by_hand = jnp.stack([jax.grad(lambda y, w=w: jnp.dot(w, loss.nll(y)) + wd(y))(x)
                              for w in weights])
         return (figure_gradients(loss, wd, x, weights, "vmap"),
-                figure_gradients(loss, wd, x, weights, "loop"), by_hand)
+                figure_gradients(loss, wd, x, weights, "loop"),
+                figure_gradients(loss, wd, x, weights, "used"), by_hand)
 
-    vmapped, looped, by_hand = all_three(delta)
+    vmapped, looped, used, by_hand = all_four(delta)
     assert float(jnp.abs(by_hand).max()) > 1e-3  # not a vacuous comparison of zeros
+    assert not bool(jnp.any(weights[0] != 0))  # row 0 precedes stage 1: no backward in "used"
     np.testing.assert_allclose(vmapped, by_hand, atol=1e-6, rtol=1e-5)
     np.testing.assert_allclose(looped, by_hand, atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(used, by_hand, atol=1e-6, rtol=1e-5)
 
 
 def test_parallel_gradient_splits_as_eq_9(tok, model, hp):
@@ -345,3 +359,45 @@ def test_prefix_cache_gives_the_shifts_of_a_full_forward(results, model, hp):
                                                prefix_cache=False))
     np.testing.assert_allclose(uncached.trace.total, result.trace.total, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(uncached.delta, result.delta, rtol=1e-3, atol=1e-4)
+
+
+def test_the_lean_paths_keep_delta_and_the_affinities(tok, model, hp):
+    """Issue 20's savings change no δ, each against the path it replaced (max |Δδ| ≤ 1e-5 of
+    max |δ|): the affinities from the existing figures' gradients only, against all padded
+    figures vmap'd; padding to a shape bucket, against twice the width (the same affinities
+    given); AnyEdit's stages reading their window alone, against every target position; no
+    step for a stage without a trainable shift (two edits with different window counts, no
+    early stop, so a padded stage would otherwise run every step). Together, float32 rounding
+    (summation order) grows over the stages to a little more."""
+    hp = dataclasses.replace(hp, early_stop_loss=0.0, v_num_grad_steps=6)
+
+    def relative(a, b):
+        a, b = np.asarray(a), np.asarray(b)
+        return float(np.abs(a - b).max() / np.abs(b).max())
+
+    def windows(batch, wc, **kwargs):
+        return jax.device_get(optimise_windows(model.params, model.config, batch, hp, wc,
+                                               **kwargs))
+
+    wc, edits, lean = _batch(tok, model, "matryoshka_affinity")
+    assert np.unique(np.asarray(lean.n_windows)).size == 2
+    wide = pack_windows(edits, tok.pad_token_id, width=2 * lean.shift.tokens.shape[-1])
+    now = windows(lean, wc)
+    vmapped = windows(lean, dataclasses.replace(wc, affinity_gradients="vmap"))
+    np.testing.assert_allclose(now.affinity, vmapped.affinity, atol=1e-6)
+    assert relative(now.delta, vmapped.delta) <= 1e-5
+    padded = windows(wide, wc, affinity=jnp.asarray(now.affinity))
+    assert relative(now.delta, padded.delta) <= 1e-5
+    np.testing.assert_allclose(now.trace.total, padded.trace.total, rtol=1e-5, atol=1e-6)
+    before = windows(wide, dataclasses.replace(wc, affinity_gradients="vmap"))
+    assert relative(now.delta, before.delta) <= 5e-5
+
+    wc, edits, lean = _batch(tok, model, "window")
+    now = windows(lean, wc)
+    every = windows(lean, wc, window_reads=False)
+    assert relative(now.delta, every.delta) <= 1e-5
+    np.testing.assert_allclose(now.trace.total, every.trace.total, rtol=1e-5, atol=1e-6)
+    for row, edit in enumerate(edits):
+        n = len(edit.windows)
+        assert np.all(now.updates[row, :n] == hp.v_num_grad_steps - 1)
+        assert np.all(now.updates[row, n:] == 0)

@@ -47,6 +47,17 @@ def bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
+def fine_bucket(n: int, minimum: int = 1) -> int:
+    """The next of 2^k·{1, 5/4, 3/2, 7/4} >= max(n, minimum), a power of two up to 32: at most
+    four shape buckets per doubling (multiples of 8 above 32), at most 25% padding beyond 32
+    where `bucket` pads up to 100% (159 tokens: 160, not 256)."""
+    n = max(n, minimum)
+    top = bucket(n)
+    if top <= 32:
+        return top
+    return next(c for c in (top * q // 8 for q in (5, 6, 7, 8)) if c >= n)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], length: int, rows: int,
              pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Tokens and mask [rows, length], prompts right-aligned; extra rows are all padding."""

@@ -8,7 +8,9 @@ their gradients at one δ come from one forward pass (`jax.vjp`) and one backwar
 over the figures' token weights (DESIGN "Never recompute"). The head (final norm, unembedding,
 NLL) acts on each position alone, so its backward runs once: figure k's cotangent at the final
 hidden state is its token weights times the per-token NLL gradient, and only the layers'
-backward is vmap'd (no [K, T, vocab] buffer).
+backward is vmap'd (no [K, T, vocab] buffer). By default ("used") only the figures that
+exist, k in [i, n_windows), get a backward, one after another: of the N padded figures of a
+stage, N − i or fewer (the others' cosines are never read).
 """
 
 from __future__ import annotations
@@ -52,12 +54,25 @@ def figure_weights(token_index: Array, starts: Array, ends: Array, n_windows: Ar
     return jnp.where(inside & valid, 1.0 / size, 0.0)
 
 
+GradientMode = Literal["used", "vmap", "loop"]
+
+
+def used_figures(weights_kr: Array) -> tuple[Array, Array]:
+    """[lo, hi): the rows of weights_kr with any weight (figure_weights' rows are contiguous)."""
+    k = jnp.arange(weights_kr.shape[0])
+    nonzero = jnp.any(weights_kr != 0, axis=1)
+    lo = jnp.min(jnp.where(nonzero, k, weights_kr.shape[0]))
+    return jnp.minimum(lo, weights_kr.shape[0]), jnp.max(jnp.where(nonzero, k + 1, 0))
+
+
 def figure_gradients(loss: EditLoss, wd_fn: Callable[[Array], Array], delta: Array,
-                     weights_kr: Array, mode: Literal["vmap", "loop"] = "vmap") -> Array:
+                     weights_kr: Array, mode: GradientMode = "used") -> Array:
     """[K, D]: ∇_δ (weights_k · nll(δ) + wd(δ)) for every row k of weights_kr.
 
-    "vmap": one forward, the head's backward once, the layers' backward vmap'd over the K
-    cotangents; "loop": one forward + backward per figure (the reference's way; less memory).
+    "used": one forward, the head's backward once, then the layers' backward for each row
+    with any weight in turn (the others: ∇wd only); "vmap": the same backward vmap'd over all
+    K cotangents, empty rows included (more work, fewer and larger kernels); "loop": one
+    forward + backward per figure (the reference's way; less memory).
     """
     wd_grad = jax.grad(wd_fn)(delta)
     if mode == "loop":
@@ -66,7 +81,16 @@ def figure_gradients(loss: EditLoss, wd_fn: Callable[[Array], Array], delta: Arr
         return jax.lax.map(one, weights_kr) + wd_grad
     top_rd, pullback = jax.vjp(loss.stack, delta)
     per_token_rd = jax.grad(lambda h: jnp.sum(loss.head_nll(h)))(top_rd)
-    return jax.vmap(lambda w_r: pullback(w_r[:, None] * per_token_rd)[0])(weights_kr) + wd_grad
+    if mode == "vmap":
+        return jax.vmap(lambda w_r: pullback(w_r[:, None] * per_token_rd)[0])(weights_kr) + wd_grad
+
+    def figure(k: Array, grads_kd: Array) -> Array:
+        return grads_kd.at[k].set(pullback(weights_kr[k][:, None] * per_token_rd)[0])
+
+    lo, hi = used_figures(weights_kr)
+    grads = jax.lax.fori_loop(lo, hi, figure, jnp.zeros(weights_kr.shape[:1] + delta.shape,
+                                                        delta.dtype))
+    return grads + wd_grad
 
 
 def cosine(a: Array, b_kd: Array) -> Array:
@@ -78,7 +102,7 @@ def cosine(a: Array, b_kd: Array) -> Array:
 
 def affinity_row(loss: EditLoss, h_d: Array, weights_kr: Array, stage: Array,
                  hp: TargetConfig, steps: int, lr: float,
-                 mode: Literal["vmap", "loop"] = "vmap") -> Array:
+                 mode: GradientMode = "used") -> Array:
     """a_{stage,·} [N] (muke §3.1 Stage A); a_{stage,stage} = 1, entries outside the figures 1."""
     def wd_fn(delta: Array) -> Array:
         return hp.v_weight_decay * safe_norm(delta) / safe_norm(h_d) ** 2

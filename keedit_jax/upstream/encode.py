@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from keedit_jax.data import Request
-from keedit_jax.models.generate import bucket
+from keedit_jax.models.generate import bucket, fine_bucket
 from keedit_jax.upstream.config import FactToken, TargetConfig
 
 Array = jax.Array
@@ -225,9 +225,9 @@ def _read_positions(row: _Row) -> list[int]:
 
 def read_pos_array(positions: Sequence[Sequence[int]], leading: tuple[int, ...],
                    width: int) -> np.ndarray:
-    """[*leading, R] positions padded with −1, R a power of two (>= 4, <= width) so similar
-    batches share a program."""
-    size = min(width, bucket(max(len(p) for p in positions), 4))
+    """[*leading, R] positions padded with −1, R a shape bucket (`fine_bucket`, >= 4,
+    <= width) so similar batches share a program."""
+    size = min(width, fine_bucket(max(len(p) for p in positions), 4))
     out = np.full((len(positions), size), -1, np.int32)
     for row, p in enumerate(positions):
         out[row, : len(p)] = p

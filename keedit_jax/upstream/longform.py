@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 import jax
 import numpy as np
 
-from keedit_jax.models.generate import bucket
+from keedit_jax.models.generate import fine_bucket
 from keedit_jax.models.tokenizer import encode_prompts, end_of_turn_token
 from keedit_jax.upstream.encode import EncodingError, ShiftBatch, read_pos_array
 from keedit_jax.upstream.windows import CoefficientOrder, Strategy, is_sequential, window_bounds
@@ -54,8 +54,9 @@ class WindowConfig:
         the released code (and its cache) does; "in_loop" = just before δ_i, with δ*_<i
         injected, as Eq. 12's "…" suggests (muke §7.2).
       affinity_steps, affinity_lr: T_aff and its Adam learning rate (3, 0.5; muke A.2).
-      affinity_gradients: all figures' gradients from one forward and one vmap'd backward
-        ("vmap"), or one jax.grad per figure ("loop": less memory, more time).
+      affinity_gradients: the figures' gradients from one forward and a backward for each
+        figure that exists, in turn ("used"), or for all N padded figures vmap'd ("vmap": more
+        work, fewer kernels), or one jax.grad per figure ("loop": less memory, more time).
     """
 
     strategy: Strategy = "matryoshka_affinity"
@@ -65,7 +66,7 @@ class WindowConfig:
     affinity_context: AffinityContext = "upfront"
     affinity_steps: int = 3
     affinity_lr: float = 0.5
-    affinity_gradients: Literal["vmap", "loop"] = "vmap"
+    affinity_gradients: Literal["used", "vmap", "loop"] = "used"
 
     def __post_init__(self) -> None:
         is_sequential(self.strategy)  # validates the name
@@ -76,8 +77,8 @@ class WindowConfig:
         if self.affinity_context not in ("upfront", "in_loop"):
             raise ValueError(f"affinity_context must be 'upfront' or 'in_loop', got "
                              f"{self.affinity_context!r}")
-        if self.affinity_gradients not in ("vmap", "loop"):
-            raise ValueError(f"affinity_gradients must be 'vmap' or 'loop', got "
+        if self.affinity_gradients not in ("used", "vmap", "loop"):
+            raise ValueError(f"affinity_gradients must be 'used', 'vmap' or 'loop', got "
                              f"{self.affinity_gradients!r}")
         if self.affinity_steps < 1:
             raise ValueError(f"affinity_steps must be >= 1, got {self.affinity_steps}")
@@ -163,13 +164,19 @@ def encode_edits(tokenizer: Any, requests: Sequence[LongFormRequest], config: Wi
     return edits, failures
 
 
-def pack_windows(edits: Sequence[EncodedEdit], pad_id: int) -> WindowBatch:
-    """Left-pad X ⊕ Y[:-1] of every edit to a power-of-two width, and the windows to the
-    largest N rounded up to WINDOW_BUCKET."""
+def pack_windows(edits: Sequence[EncodedEdit], pad_id: int,
+                 width: int | None = None) -> WindowBatch:
+    """Left-pad X ⊕ Y[:-1] of every edit to a shape bucket (`fine_bucket`: 159 tokens to 160;
+    or to `width` tokens, e.g. a power of two as before), and the windows to the largest N
+    rounded up to WINDOW_BUCKET. Left padding changes no loss (positions count from the
+    first real token), so δ does not depend on the width."""
     if not edits:
         raise EncodingError("no long-form requests to encode")
     e = len(edits)
-    width = bucket(max(len(x.prompt_ids) + len(x.target_ids) - 1 for x in edits), 8)
+    longest = max(len(x.prompt_ids) + len(x.target_ids) - 1 for x in edits)
+    width = fine_bucket(longest, 8) if width is None else width
+    if width < longest:
+        raise EncodingError(f"width {width} is shorter than the longest sequence ({longest})")
     n = -(-max(len(x.windows) for x in edits) // WINDOW_BUCKET) * WINDOW_BUCKET
     tokens = np.full((e, 1, width), pad_id, np.int32)
     mask = np.zeros((e, 1, width), np.int32)

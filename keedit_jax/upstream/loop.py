@@ -285,10 +285,13 @@ def optimise_stage(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: Targ
 
     One `while_loop` that ends once every edit has stopped (the reference's `break`); the
     trace past that step repeats the last one, which is what further steps would compute
-    (δ no longer moves), so the result equals running all steps.
+    (δ no longer moves), so the result equals running all steps. A stage with no trainable
+    shift runs no step; its trace and norms are 0.
     """
     e, steps = delta0.shape[0], hp.v_num_grad_steps
-    carry = _Carry(delta0, optax.adam(hp.v_lr).init(delta0), jnp.zeros(e, bool),
+    # An edit with no trainable shift (a padded window) has stopped before its first step:
+    # a stage where no edit trains runs no step at all.
+    carry = _Carry(delta0, optax.adam(hp.v_lr).init(delta0), ~jnp.any(trainable, axis=1),
                    jnp.zeros(e, jnp.int32))
     body = partial(_step, params, cfg, batch, hp, problem, remat, trainable)
     trace = LossTerms(*(jnp.zeros((steps, e), jnp.float32) for _ in LossTerms._fields))
@@ -308,8 +311,9 @@ def optimise_stage(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: Targ
     done, carry, trace, norms = jax.lax.while_loop(running, advance,
                                                    (jnp.asarray(0), carry, trace, norms))
     ran = (jnp.arange(steps) < done)[:, None]
-    trace = LossTerms(*(jnp.where(ran, t, t[done - 1]) for t in trace))
-    norms = jnp.where(ran[..., None], norms, norms[done - 1])
+    last = jnp.maximum(done - 1, 0)
+    trace = LossTerms(*(jnp.where(ran, t, t[last]) for t in trace))
+    norms = jnp.where(ran[..., None], norms, norms[last])
     return StageResult(carry.delta, LossTerms(*(x.T for x in trace)),
                        jnp.swapaxes(norms, 0, 1), carry.updates)
 

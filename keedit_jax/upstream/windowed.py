@@ -79,13 +79,17 @@ def _affinity_for(params: Params, cfg: ModelConfig, hp: TargetConfig, wc: Window
 
 def _upfront(params: Params, cfg: ModelConfig, hp: TargetConfig, wc: WindowConfig,
              batch: WindowBatch, problem: Problem) -> Array:
-    """[E, N, N] affinities of every window of every edit, on the unedited model."""
+    """[E, N, N] affinities of every window of every edit, on the unedited model: the rows
+    of the edit's n_windows stages in turn (a padded stage's row is all 1, uncomputed)."""
     n = batch.starts.shape[1]
     zeros = jnp.zeros(problem.h.shape[1:], jnp.float32)
 
     def one_edit(*rows: Array) -> Array:
         per_stage = partial(_affinity_for, params, cfg, hp, wc, zeros)
-        return jax.vmap(lambda i: per_stage(i, *rows))(jnp.arange(n))
+        if wc.affinity_gradients == "vmap":
+            return jax.vmap(lambda i: per_stage(i, *rows))(jnp.arange(n))
+        return jax.lax.fori_loop(0, rows[-1], lambda i, out: out.at[i].set(per_stage(i, *rows)),
+                                 jnp.ones((n, n), jnp.float32))
 
     return jax.vmap(one_edit)(*_edit_rows(batch, problem))
 
@@ -110,15 +114,27 @@ def _stage_weights(wc: WindowConfig, batch: WindowBatch, stage: Array,
     return weights[:, None, :].astype(jnp.float32)
 
 
-@partial(jax.jit, static_argnames=("cfg", "hp", "wc", "remat", "prefix_cache"))
+def _window_reads(wc: WindowConfig, batch: WindowBatch, stage: Array) -> Array:
+    """[E, 1, W] the read positions of window `stage` alone (AnyEdit's stage reads no other
+    token): W = window_size slots from slot s_i (read_pos lists target tokens in order; a
+    window near the end takes the last W slots, which still hold it)."""
+    read_er = batch.shift.read_pos[:, 0]
+    size = min(wc.window_size, read_er.shape[1])
+    start = batch.starts[:, stage]
+    return jax.vmap(lambda r, s: jax.lax.dynamic_slice(r, (s,), (size,)))(read_er, start)[:, None]
+
+
+@partial(jax.jit, static_argnames=("cfg", "hp", "wc", "remat", "prefix_cache", "window_reads"))
 def optimise_windows(params: Params, cfg: ModelConfig, batch: WindowBatch, hp: TargetConfig,
                      wc: WindowConfig, affinity: Array | None = None, remat: bool = False,
-                     prefix_cache: bool = True) -> WindowResult:
+                     prefix_cache: bool = True, window_reads: bool = True) -> WindowResult:
     """Optimise every window's shift of every edit under wc.strategy, as one program.
 
     affinity [E, N, N]: up-front affinities (e.g. from a cache); computed here when μKE
     needs them and none are given (affinity_context "upfront"), or per stage ("in_loop").
     prefix_cache=False runs every layer at every step (the reference's cost, benchmarks only).
+    window_reads: AnyEdit's stage unembeds only its window's positions (False: every target
+    position, weight 0 outside the window; the same δ, for tests and benchmarks).
     """
     check_layers(cfg, hp)
     problem = prepare(params, cfg, batch.shift, hp, remat)
@@ -137,6 +153,8 @@ def optimise_windows(params: Params, cfg: ModelConfig, batch: WindowBatch, hp: T
             row = jax.vmap(partial(_affinity_for, params, cfg, hp, wc),
                            in_axes=(0, None) + (0,) * 10)(delta, i, *_edit_rows(batch, problem))
         shift = dataclasses.replace(batch.shift, weights=_stage_weights(wc, batch, i, row))
+        if window_reads and wc.strategy == "window":
+            shift = dataclasses.replace(shift, read_pos=_window_reads(wc, batch, i))
         trainable = valid & (jnp.arange(n)[None, :] == i)
         result = optimise_stage(params, cfg, shift, hp, stepping, delta, trainable, remat)
         return result.delta, (result.trace, result.updates, row)
