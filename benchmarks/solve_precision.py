@@ -2,7 +2,8 @@
 
 MEMIT's system (λC + KᵀK) ΔW = KᵀR at d_ff F = 14336, d_model D = 4096, n = 50 edit keys,
 λ = 15000 (MEMIT's Llama-3-8B mom2_update_weight), solved by `downstream.memit_update` once with
-MemitHParams(dtype="float32") and once with dtype="float64" (x64 on, `downstream.in_float64`).
+MemitHParams(dtype="float32") and once with dtype="float64" (x64 on, as `downstream.in_float64`
+runs every float64 solve of the library).
 
 The keys are drawn from the second moment they are solved against: C = Q diag(σ) Qᵀ with σ_i =
 (i + 1)^-α (a power-law spectrum, α = `--decay`, cond(C) = F^α) and Q the orthonormal DCT-II
@@ -13,11 +14,13 @@ library hands statistics to its solvers (`run_structured.solver_statistics`), so
 the solve's precision alone. R [n, D] ~ N(0, 1).
 
 Reported: ‖ΔW32 − ΔW64‖/‖ΔW64‖; the same difference in what the layer writes at the edit keys,
-‖K(ΔW32 − ΔW64)‖/‖KΔW64‖; each solve's own relative residual (the solver report's ‖AX − Kᵀ‖/‖Kᵀ‖
-in its dtype); the float64 residual of each ΔW, ‖AΔW − KᵀR‖/‖KᵀR‖ with A in float64, estimated on
-`--probes` random directions of R's columns (‖(AΔW − KᵀR)V‖/‖KᵀRV‖, V [D, probes] Gaussian, so
-no F×F×D product is needed); and each solve's seconds.
-F×F float64 is 1.6 GB; the run holds a few such arrays at a time (about 10 GB peak).
+‖K(ΔW32 − ΔW64)‖/‖KΔW64‖, and at 256 fresh keys from the same distribution (the inputs the
+edit should leave alone, where C-weighted errors show); each solve's own relative residual
+(the solver report's ‖AX − Kᵀ‖/‖Kᵀ‖ in its dtype); the float64 residual of each ΔW,
+‖AΔW − KᵀR‖/‖KᵀR‖ with A in float64, estimated on `--probes` random directions of R's columns
+(‖(AΔW − KᵀR)V‖/‖KᵀRV‖, V [D, probes] Gaussian, so no F×F×D product is needed); and each
+solve's seconds (compiled ahead, compile excluded).
+F×F float64 is 1.6 GB; the run holds a few such arrays at a time (about 6 GB peak).
 
 Run:  python -m benchmarks.solve_precision                    (Llama-3-8B shapes, CPU: minutes)
       python -m benchmarks.solve_precision --d_ff 2048 --d_model 512     (a quick check)
@@ -39,13 +42,16 @@ import scipy.fft
 from keedit_jax import downstream
 
 
-def second_moment_and_keys(d_ff: int, n: int, decay: float, seed: int
-                           ) -> tuple[np.ndarray, np.ndarray]:
-    """C = Q diag(σ) Qᵀ [F, F] in float32 and keys K [n, F] ~ N(0, C) in float64."""
+def second_moment_and_keys(d_ff: int, n: int, decay: float, seed: int, moment: bool = True
+                           ) -> tuple[np.ndarray | None, np.ndarray]:
+    """C = Q diag(σ) Qᵀ [F, F] in float32 (None without `moment`) and keys K [n, F] ~ N(0, C)
+    in float64."""
     sigma = (np.arange(d_ff, dtype=np.float64) + 1.0) ** -decay
     rng = np.random.default_rng(seed)
     z = rng.standard_normal((n, d_ff))
     keys = scipy.fft.dct(z * np.sqrt(sigma), axis=1, norm="ortho")  # rows Q(√σ ⊙ z)
+    if not moment:
+        return None, keys
     c = scipy.fft.dct(np.diag(sigma), axis=0, norm="ortho")          # Q diag(σ)
     c = scipy.fft.dct(c, axis=1, norm="ortho").astype(np.float32)   # Q diag(σ) Qᵀ
     return c, keys
@@ -54,22 +60,24 @@ def second_moment_and_keys(d_ff: int, n: int, decay: float, seed: int
 def solve(c: np.ndarray, keys: np.ndarray, resid: np.ndarray, lam: float,
           dtype: str) -> tuple[np.ndarray, float, float]:
     """ΔW [F, D] as float64 numpy, the solver report's relative residual, and the seconds of
-    the solve (run eagerly, as `edit_layers` calls it; the F³/3 Cholesky dominates)."""
+    the solve: `memit_update` jitted with an empty key Gram (MEMIT's one-time edit), x64 on
+    for float64; only ΔW and the report are returned, so XLA keeps two F×F arrays live, not
+    the five an eager call would."""
     hparams = downstream.MemitHParams(mom2_update_weight=lam, dtype=dtype)
-    solver = downstream.in_solve_dtype(downstream.memit(hparams), dtype)
-    state = solver.init(c.shape[0], resid.shape[1])
-    dt = np.float64 if dtype == "float64" else np.float32
-    args = (jnp.asarray(c), jnp.asarray(keys.astype(np.float32)),
-            jnp.asarray(resid.astype(np.float32)))
-    if dtype == "float64":  # the keys and residuals as well as the solve in float64
-        with jax.enable_x64(True):
-            args = (args[0], jnp.asarray(keys.astype(dt)), jnp.asarray(resid.astype(dt)))
-    began = time.perf_counter()
-    delta, _, report = solver.update(*args, state)
-    delta = np.asarray(jax.block_until_ready(delta), np.float64)
-    seconds = time.perf_counter() - began
-    del state
-    return delta, float(report.rel_residual), seconds
+
+    def update(c: jax.Array, k: jax.Array, r: jax.Array) -> tuple[jax.Array, jax.Array]:
+        state = downstream.memit_init(c.shape[0], jnp.dtype(dtype))
+        delta, _, report = downstream.memit_update(c, k, r, state, hparams)
+        return delta, report.rel_residual
+
+    with jax.enable_x64(dtype == "float64"):
+        dt = np.float64 if dtype == "float64" else np.float32
+        args = (jnp.asarray(c), jnp.asarray(keys.astype(dt)), jnp.asarray(resid.astype(dt)))
+        compiled = jax.jit(update).lower(*args).compile()
+        began = time.perf_counter()
+        delta, rel_residual = jax.block_until_ready(compiled(*args))
+        seconds = time.perf_counter() - began
+    return np.asarray(delta, np.float64), float(rel_residual), seconds
 
 
 def float64_residual(c: np.ndarray, keys: np.ndarray, resid: np.ndarray, lam: float,
@@ -94,12 +102,16 @@ def measure(d_ff: int, d_model: int, n: int, lam: float, decay: float, probes: i
         deltas[dtype], reports[dtype], timings[dtype] = solve(c, keys, resid, lam, dtype)
     d32, d64 = deltas["float32"], deltas["float64"]
     written = keys @ (d32 - d64), keys @ d64
+    _, fresh = second_moment_and_keys(d_ff, 256, decay, seed + 3, moment=False)
+    elsewhere = fresh @ (d32 - d64), fresh @ d64
     return {
         "shapes": {"d_ff": d_ff, "d_model": d_model, "n": n},
         "lambda": lam, "decay": decay, "cond_C": float((d_ff) ** decay), "seed": seed,
         "rel_diff_delta": float(np.linalg.norm(d32 - d64) / np.linalg.norm(d64)),
         "rel_diff_written_at_keys": float(np.linalg.norm(written[0])
                                           / np.linalg.norm(written[1])),
+        "rel_diff_on_fresh_keys": float(np.linalg.norm(elsewhere[0])
+                                        / np.linalg.norm(elsewhere[1])),
         "report_rel_residual": reports,
         "float64_rel_residual": float64_residual(c, keys, resid, lam, deltas, probes, seed),
         "seconds": timings, "backend": jax.default_backend(),

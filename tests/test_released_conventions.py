@@ -253,3 +253,22 @@ def test_the_command_line_refuses_both_template_flags_and_names_a_bad_file(tmp_p
     named = run_main("--method=memit", f"--context_templates={bad}",
                      f"--output_dir={tmp_path / 'b'}", cache=tmp_path)
     assert_clean_error(named, str(bad), "field '[1][0]'")
+
+
+@pytest.mark.slow
+def test_a_long_form_api_edit_solves_in_float64(tmp_path, monkeypatch):
+    """AnyEdit (windows, MEMIT's solve) on one UnKEBench record of the organism: with
+    --solve_dtype=float64 the solve's residual is float64-small."""
+    import keedit_jax as ke
+
+    monkeypatch.setenv("KEEDIT_CACHE", str(tmp_path / "cache"))
+    model = ke.load("organism:small")
+    records = ke.read_records(model.path / "benchmarks" / "unkebench.json")[:1]
+    hparams = {**ke.hparams_from_flagfile("configs/anyedit.cfg"), "v_num_grad_steps": 2,
+               "stats_samples": 64}
+    residuals = {}
+    for dtype in ("float32", "float64"):
+        result = ke.edit(model, records, method="anyedit", **hparams, solve_dtype=dtype)
+        assert not result.report["failed"]
+        residuals[dtype] = max(result.report["diagnostics"]["relative_residual"].values())
+    assert residuals["float64"] < 1e-10 < residuals["float32"]
