@@ -24,6 +24,7 @@ F×F float64 is 1.6 GB; the run holds a few such arrays at a time (about 6 GB pe
 
 Run:  python -m benchmarks.solve_precision                    (Llama-3-8B shapes, CPU: minutes)
       python -m benchmarks.solve_precision --d_ff 2048 --d_model 512     (a quick check)
+      python -m benchmarks.solve_precision --spectra <stats cache .npz>    (a real model's α)
 """
 
 from __future__ import annotations
@@ -118,6 +119,23 @@ def measure(d_ff: int, d_model: int, n: int, lam: float, decay: float, probes: i
     }
 
 
+def moment_spectra(path: Path) -> dict[str, dict[str, float]]:
+    """For a statistics cache file (`keedit_jax.stats`, `second_moments_*.npz`): each layer's
+    cond(C) and the power-law α fitted to its eigenvalues between the 10th and the 90% one,
+    the two numbers that place a real model among the `--decay` settings."""
+    arrays = np.load(path)
+    count = float(np.ravel(arrays["count"])[0])
+    out = {}
+    for name in sorted(k for k in arrays if k.endswith(".sum_ff")):
+        eig = np.sort(np.linalg.eigvalsh(arrays[name].astype(np.float64) / count))[::-1]
+        index = np.arange(1, len(eig) + 1)
+        part = slice(10, int(0.9 * len(eig)))
+        alpha = -np.polyfit(np.log(index[part]), np.log(eig[part]), 1)[0]
+        out[name.removesuffix(".sum_ff")] = {"d_ff": len(eig), "cond_C": float(eig[0] / eig[-1]),
+                                             "alpha": float(alpha)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--d_ff", type=int, default=14336)
@@ -129,7 +147,12 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--spectra", type=Path, default=None,
+                        help="only report cond(C) and α of a statistics cache file's layers")
     args = parser.parse_args()
+    if args.spectra is not None:
+        print(json.dumps(moment_spectra(args.spectra), indent=1))
+        return
     result = measure(args.d_ff, args.d_model, args.n, args.lam, args.decay, args.probes,
                      args.seed)
     text = json.dumps(result, indent=1)
