@@ -255,7 +255,6 @@ def test_the_command_line_refuses_both_template_flags_and_names_a_bad_file(tmp_p
     assert_clean_error(named, str(bad), "field '[1][0]'")
 
 
-@pytest.mark.slow
 def test_a_long_form_api_edit_solves_in_float64(tmp_path, monkeypatch):
     """AnyEdit (windows, MEMIT's solve) on one UnKEBench record of the organism: with
     --solve_dtype=float64 the solve's residual is float64-small."""
