@@ -39,7 +39,7 @@ from keedit_jax import flags as run_flags
 from keedit_jax.api import resolve_checkpoint
 from keedit_jax.data import read_longform
 from keedit_jax.methods.metake import metake_refiner
-from keedit_jax.methods.run_sequential import in_float64, make_editor
+from keedit_jax.methods.run_sequential import make_editor
 from keedit_jax.methods.run_structured import (
     load_structured_run,
     solver_statistics,
@@ -109,8 +109,7 @@ def structured_edit(loaded: Loaded, method: str, batch: int, model: str) -> Call
     refine = None
     if method in SEQUENTIAL:
         editor = make_editor(method, flags, configs["SequentialFlags"], configs["MetaKEFlags"])
-        solver = (in_float64(editor.solver) if configs["SequentialFlags"].solve_dtype
-                  == "float64" else editor.solver)
+        solver = downstream.in_solve_dtype(editor.solver, flags.solve_dtype)
         config = structured_config("memit", flags, cfg.n_layers)
         stats = solver_statistics(run.moments, editor.stats_kind, flags.nullspace_threshold)
         if editor.metake is not None:

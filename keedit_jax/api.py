@@ -83,6 +83,7 @@ def settings(method: str, hparams: Mapping[str, Any]) -> Settings:
     """The method's settings: the flags' defaults with `hparams` (flag names) over them; an
     unknown name is a TypeError listing the known ones."""
     registry.method_record(method)
+    flags.check_exclusive(set(hparams))
     by_group: dict[type, dict[str, Any]] = {group: {} for group in HPARAM_GROUPS}
     owner = {f.name: group for group in HPARAM_GROUPS for f in dataclasses.fields(group)}
     run = {}
@@ -270,7 +271,7 @@ class SequentialEditor:
     def __init__(self, model: LoadedModel | str | Path, method: str = "memit_seq",
                  **hparams: Any) -> None:
         from keedit_jax.methods.metake import metake_refiner  # noqa: PLC0415 (heavy)
-        from keedit_jax.methods.run_sequential import in_float64, make_editor  # noqa: PLC0415
+        from keedit_jax.methods.run_sequential import make_editor  # noqa: PLC0415
         from keedit_jax.methods.run_structured import (  # noqa: PLC0415
             layer_moments,
             run_templates,
@@ -285,8 +286,7 @@ class SequentialEditor:
         cfg, flag_values, seq = self.model.config, chosen.structured, chosen.sequential
         self.method, self.tokenizer = method, load_tokenizer(self.model.path, cfg)
         self.editor = make_editor(method, flag_values, seq, chosen.metake)
-        self.solver = (in_float64(self.editor.solver) if seq.solve_dtype == "float64"
-                       else self.editor.solver)
+        self.solver = downstream.in_solve_dtype(self.editor.solver, flag_values.solve_dtype)
         self.config = structured_config("memit", flag_values, cfg.n_layers)
         self.templates = run_templates(self.model.params, cfg, self.tokenizer, flag_values,
                                        chosen.seed)

@@ -25,6 +25,21 @@ STATS_SOURCE_NAMES = ("wikipedia-vital",)  # keedit_jax.stats.SOURCE_NAMES, kept
 SENTENCE_ENCODER_NAMES = ("auto", "all-minilm-l6-v2", "none", "")  # sentence_encoder.ENCODER_NAMES
 
 
+CONTEXT_SEEDS = "The,Therefore,Because,I,You"
+EXCLUSIVE_CONTEXTS = ("--context_templates gives the templates and --context_seeds the words "
+                      "generated ones start with: pass one of them")
+# Flags that cannot be given together even when one is at its default value.
+EXCLUSIVE = (("context_templates", "context_seeds"),)
+
+
+def check_exclusive(given: set[str]) -> None:
+    """ValueError if `given` (the flags set on the command line, or an API call's hparams)
+    holds two flags that exclude each other."""
+    for first, second in EXCLUSIVE:
+        if first in given and second in given:
+            raise ValueError(EXCLUSIVE_CONTEXTS)
+
+
 AT_LEAST_1 = (lambda v: v >= 1, "must be >= 1")
 POSITIVE = (lambda v: v > 0, "must be > 0")
 NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
@@ -140,13 +155,24 @@ class StructuredFlags:
         "help": "δ is kept within this factor of ‖h‖."})
     kl_factor: float = dataclasses.field(default=0.0625, metadata={
         "help": "Weight of the KL term on '{subject} is a'."})
-    context_seeds: str = dataclasses.field(default="The,Therefore,Because,I,You", metadata={
+    context_seeds: str = dataclasses.field(default=CONTEXT_SEEDS, metadata={
         "help": "First words of the generated context templates, one template each (the "
                 "target loop's cost grows with their number); empty: the bare prompt only."})
+    context_top_k: int = dataclasses.field(default=5, metadata={
+        "help": "Generated context templates sample among the k most likely tokens (MEMIT's "
+                "released code: 5); 0: the full distribution."})
+    context_templates: str = dataclasses.field(default="", metadata={
+        "help": "A JSON file of fixed context templates in MEMIT's published format, "
+                'e.g. [["{}"], ["The man said. {}", ...]] (flattened; the first must be "{}"): '
+                "used instead of generated ones (not with --context_seeds)."})
     mom2_update_weight: float = dataclasses.field(default=15000.0, metadata={
         "help": "MEMIT's λ on the key second moment."})
     alphaedit_l2: float = dataclasses.field(default=10.0, metadata={
         "help": "AlphaEdit's L2 term."})
+    solve_dtype: str = dataclasses.field(default="float32", metadata={
+        "help": "Precision of the closed-form solves of every structured, long-form and "
+                "sequential method: float32 or float64 (the released MEMIT, LyapLock and OTE "
+                "code's; see benchmarks/README.md, 'Solve precision')."})
     nullspace_threshold: float = dataclasses.field(default=2e-2, metadata={
         "help": "Eigenvalues of the normalised moment below this span AlphaEdit's null space."})
     stats_source: str = dataclasses.field(default="", metadata={
@@ -168,7 +194,9 @@ class StructuredFlags:
             "clamp_norm_factor": POSITIVE, "kl_factor": NON_NEGATIVE,
             "mom2_update_weight": NON_NEGATIVE, "alphaedit_l2": NON_NEGATIVE,
             "nullspace_threshold": POSITIVE, "stats_samples": AT_LEAST_1,
-            "stats_max_length": NON_NEGATIVE})
+            "stats_max_length": NON_NEGATIVE, "context_top_k": NON_NEGATIVE})
+        if self.solve_dtype not in ("float32", "float64"):
+            raise ValueError(f"--solve_dtype must be float32 or float64, not {self.solve_dtype!r}")
         try:
             layers = [int(part) for part in self.layers.split(",")]
         except ValueError as err:
@@ -179,6 +207,12 @@ class StructuredFlags:
             raise ValueError(f"--fact_token={self.fact_token!r}: subject_last or last")
         if self.context_seeds and not all(s.strip() for s in self.context_seeds.split(",")):
             raise ValueError(f"--context_seeds={self.context_seeds!r}: comma-separated words")
+        if self.context_templates:
+            if self.context_seeds != CONTEXT_SEEDS:
+                raise ValueError(EXCLUSIVE_CONTEXTS)
+            from keedit_jax.data import read_context_templates  # noqa: PLC0415 (light)
+
+            read_context_templates(self.context_templates)  # a bad file fails before any work
         if (self.stats_source and self.stats_source not in STATS_SOURCE_NAMES
                 and not Path(self.stats_source).is_file()):
             raise FileNotFoundError(f"--stats_source={self.stats_source}: no such file nor one "
@@ -266,7 +300,7 @@ class LongFormFlags:
 class SequentialFlags:
     """Sequential editing (docs/references.md: ote_se, lyaplock): the stream, its checkpoints and
     evaluations, post-processing and LyapLock's constants. The solve reads StructuredFlags'
-    mom2_update_weight (λ) and alphaedit_l2 (the projected solvers' ridge)."""
+    mom2_update_weight (λ), alphaedit_l2 (the projected solvers' ridge) and solve_dtype."""
 
     eval_every: int = dataclasses.field(default=1, metadata={
         "help": "Evaluate the edits so far and general capability every this many batches."})
@@ -295,8 +329,6 @@ class SequentialFlags:
         "help": "LyapLock's V, the weight of the editing losses."})
     lyaplock_drift: float = dataclasses.field(default=0.0, metadata={
         "help": "LyapLock's b in the queue update."})
-    solve_dtype: str = dataclasses.field(default="float32", metadata={
-        "help": "Precision of the closed-form solves: float32 or float64 (the papers')."})
     general_tasks: str = dataclasses.field(default="", metadata={
         "help": "Directory with the GLUE-style task files (sst2.json, mrpc.json, ...)."})
     general_task_names: str = dataclasses.field(default="sst2,mrpc,cola,rte,nli,mmlu", metadata={
@@ -321,8 +353,6 @@ class SequentialFlags:
                              f"{', '.join(POST_PROCESSING)}")
         if not 0 < self.rect_keep <= 1:
             raise ValueError(f"--rect_keep must be in (0, 1], got {self.rect_keep}")
-        if self.solve_dtype not in ("float32", "float64"):
-            raise ValueError(f"--solve_dtype must be float32 or float64, not {self.solve_dtype!r}")
         if self.general_tasks and not Path(self.general_tasks).is_dir():
             raise FileNotFoundError(f"--general_tasks={self.general_tasks}: no such directory")
         if self.drift_text and not Path(self.drift_text).is_file():

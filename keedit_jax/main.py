@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 from absl import app, logging
+from absl import flags as absl_flags
 
 from keedit_jax import flags as run_flags
 from keedit_jax import parallel
@@ -70,6 +71,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: every setting is a --flag")
     try:
+        run_flags.check_exclusive({name for name in absl_flags.FLAGS
+                                   if absl_flags.FLAGS[name].present})
         configs = {group.__name__: run_flags.from_flags(group)
                    for group in run_flags.FLAG_GROUPS}
         model, edit, run = configs["ModelFlags"], configs["EditFlags"], configs["RunFlags"]

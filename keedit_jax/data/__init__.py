@@ -9,6 +9,7 @@
 - `read_longform(path, format)`: UnKEBench (v2/v3), AKEW-CounterFact, AKEW-MQuAKE,
   EditEverything and the hallucination set -> `LongFormRecord` (muke §5.1); `read_alpaca`
   -> `AlpacaRecord` (UnKE's preservation samples).
+- `read_context_templates`: MEMIT-family context-template files (`--context_templates`).
 - `read_general_task(s)`: the GLUE-style general-capability subsets (SST-2, MRPC, CoLA, RTE,
   NLI, MMLU, ...) -> `GeneralExample` 0-shot prompts with labels (ote_se §5.4).
 Every reader validates the whole file first and raises one `DatasetError` naming the file and
@@ -41,6 +42,7 @@ from keedit_jax.data.longform import (
     read_unkebench,
 )
 from keedit_jax.data.requests import Request
+from keedit_jax.data.templates import read_context_templates
 from keedit_jax.data.zsre import ZSRE_TARGETS, ZsreRecord, ZsreTarget, read_zsre
 
 __all__ = [
@@ -76,4 +78,5 @@ __all__ = [
     "GeneralExample",
     "read_general_task",
     "read_general_tasks",
+    "read_context_templates",
 ]

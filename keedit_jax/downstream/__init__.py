@@ -27,6 +27,8 @@ from keedit_jax.downstream._layers import (
     alphaedit,
     check_layer_count,
     edit_layers,
+    in_float64,
+    in_solve_dtype,
     init_states,
     lyaplock,
     memit,
@@ -76,10 +78,17 @@ from keedit_jax.downstream._unke import (
     unke_edit,
 )
 
+
+def _rome_solver(hparams: RomeHParams) -> Solver:
+    return in_solve_dtype(rome(hparams), hparams.dtype)
+
+
+# Each solver runs in its hparams' dtype (x64 on for float64: `in_float64`).
 STRUCTURED_SOLVERS: dict[str, Callable[[Any], Solver]] = {
-    "memit": lambda config: memit(config.memit),
-    "alphaedit": lambda config: alphaedit(config.alphaedit),
-    "rome": lambda config: rome(config.solver_hparams or RomeHParams()),
+    "memit": lambda config: in_solve_dtype(memit(config.memit), config.memit.dtype),
+    "alphaedit": lambda config: in_solve_dtype(alphaedit(config.alphaedit),
+                                               config.alphaedit.dtype),
+    "rome": lambda config: _rome_solver(config.solver_hparams or RomeHParams()),
 }
 
 __all__ = [
@@ -125,6 +134,8 @@ __all__ = [
     "check_layer_count",
     "check_solve",
     "edit_layers",
+    "in_float64",
+    "in_solve_dtype",
     "init_states",
     "memit",
     "memit_init",

@@ -58,6 +58,26 @@ def check_layer_count(solver: Solver, layers: Sequence[int]) -> None:
                          f"got layers {', '.join(str(i) for i in layers)}: give one --layers")
 
 
+def in_float64(solver: Solver) -> Solver:
+    """The solver run with x64 on: its float64 solves (hparams dtype="float64") need it, the
+    model stays in its own dtype. Every float64 solve of the library goes through this."""
+
+    def init(d_ff: int, d_model: int, dtype: Any = jnp.float64) -> State:
+        with jax.enable_x64(True):
+            return solver.init(d_ff, d_model, jnp.float64)
+
+    def update(*args: Any, **kwargs: Any) -> Any:
+        with jax.enable_x64(True):
+            return solver.update(*args, **kwargs)
+
+    return solver._replace(init=init, update=update)
+
+
+def in_solve_dtype(solver: Solver, dtype: str) -> Solver:
+    """`in_float64(solver)` for a float64 solve, the solver itself for float32."""
+    return in_float64(solver) if dtype == "float64" else solver
+
+
 def _square_init(init: Callable[..., State]) -> Callable[..., State]:
     """An init whose state is [F, F] only, in the (d_ff, d_model, dtype) shape."""
     return lambda d_ff, d_model, dtype=jnp.float32: init(d_ff, dtype)

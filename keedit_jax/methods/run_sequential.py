@@ -102,7 +102,7 @@ def _lyaplock_editor(method: str, structured: StructuredFlags, seq: SequentialFl
                      metake: MetaKEFlags) -> Editor:
     queue = downstream.LyapLockHParams(
         mom2_update_weight=structured.mom2_update_weight, alpha=seq.lyaplock_alpha,
-        control=seq.lyaplock_control, drift=seq.lyaplock_drift, dtype=seq.solve_dtype)
+        control=seq.lyaplock_control, drift=seq.lyaplock_drift, dtype=structured.solve_dtype)
     return Editor(downstream.lyaplock(queue), "moment", hparams=queue)
 
 
@@ -114,7 +114,7 @@ def _alphaedit_editor(method: str, structured: StructuredFlags, seq: SequentialF
         feedback=metake.metake_feedback)
     hparams = downstream.AlphaEditHParams(l2=structured.alphaedit_l2,
                                           use_key_cache=seq.alphaedit_key_cache,
-                                          dtype=seq.solve_dtype)
+                                          dtype=structured.solve_dtype)
     return Editor(downstream.alphaedit(hparams), "projector", metake=meta, hparams=hparams)
 
 
@@ -122,14 +122,14 @@ def _aligned_alphaedit_editor(method: str, structured: StructuredFlags, seq: Seq
                               metake: MetaKEFlags) -> Editor:
     return Editor(downstream.ote(downstream.OteHParams(
         mom2_update_weight=structured.mom2_update_weight, project=True,
-        ridge=structured.alphaedit_l2, dtype=seq.solve_dtype), method), "ote")
+        ridge=structured.alphaedit_l2, dtype=structured.solve_dtype), method), "ote")
 
 
 def _memorize_latest_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
                             metake: MetaKEFlags) -> Editor:
     return Editor(downstream.ote(downstream.OteHParams(
         mom2_update_weight=structured.mom2_update_weight, accumulate_keys=False,
-        memorize_latest=True, dtype=seq.solve_dtype), method), "ote")
+        memorize_latest=True, dtype=structured.solve_dtype), method), "ote")
 
 
 def _memit_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
@@ -140,14 +140,14 @@ def _memit_editor(method: str, structured: StructuredFlags, seq: SequentialFlags
     lam, post, aligned = structured.mom2_update_weight, seq.post_processing, method == "memit_seq"
     if post == "none" or (post == "prune" and not aligned):
         memit = downstream.MemitHParams(mom2_update_weight=lam, accumulate_keys=aligned,
-                                        dtype=seq.solve_dtype)
+                                        dtype=structured.solve_dtype)
         return Editor(downstream.memit(memit), "moment", prune_at_end=post == "prune",
                       hparams=memit)
     corrected = aligned and seq.error_correction
     family = downstream.OteHParams(
         mom2_update_weight=lam, accumulate_keys=aligned, post=post, rect_keep=seq.rect_keep,
         error_correction=corrected, ridge=seq.correction_ridge if corrected else 0.0,
-        dtype=seq.solve_dtype)
+        dtype=structured.solve_dtype)
     return Editor(downstream.ote(family, f"{method}_{post}"), "ote", hparams=family)
 
 
@@ -166,20 +166,6 @@ def make_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
         raise ValueError(f"{method} has no sequential editor; sequential methods: "
                          f"{', '.join(SEQUENTIAL_EDITORS)}")
     return SEQUENTIAL_EDITORS[method](method, structured, seq, metake or MetaKEFlags())
-
-
-def in_float64(solver: downstream.Solver) -> downstream.Solver:
-    """The solver run with x64 on (its float64 solves need it; the model stays float32)."""
-
-    def init(d_ff: int, d_model: int, dtype: Any = jnp.float64) -> Any:
-        with jax.enable_x64(True):
-            return solver.init(d_ff, d_model, jnp.float64)
-
-    def update(*args: Any, **kwargs: Any) -> Any:
-        with jax.enable_x64(True):
-            return solver.update(*args, **kwargs)
-
-    return downstream.Solver(init, update, solver.name)
 
 
 def prune_total_update(params: Params, original: Params, path: tuple[str, ...],
@@ -318,7 +304,7 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
     flags: StructuredFlags = configs["StructuredFlags"]
     seq: SequentialFlags = configs["SequentialFlags"]
     editor = make_editor(edit.method, flags, seq, configs["MetaKEFlags"])
-    solver = in_float64(editor.solver) if seq.solve_dtype == "float64" else editor.solver
+    solver = downstream.in_solve_dtype(editor.solver, flags.solve_dtype)
     loaded = load_structured_run(checkpoint, model, data, flags)
     cfg, original, tokenizer = loaded.cfg, loaded.params, loaded.tokenizer
     config = structured_config("memit", flags, cfg.n_layers)

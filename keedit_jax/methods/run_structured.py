@@ -21,7 +21,12 @@ from absl import logging
 from safetensors.numpy import save_file
 
 from keedit_jax import downstream, parallel, registry
-from keedit_jax.data import CounterFactRecord, read_dataset, without_edited_neighbours
+from keedit_jax.data import (
+    CounterFactRecord,
+    read_context_templates,
+    read_dataset,
+    without_edited_neighbours,
+)
 from keedit_jax.downstream import SolveError
 from keedit_jax.eval.structured import (
     evaluate_counterfact,
@@ -62,16 +67,21 @@ ORGANISM_DATASETS = {"counterfact": "benchmarks/counterfact.json",
 
 def structured_config(method: str, flags: StructuredFlags, n_layers: int) -> StructuredConfig:
     """The method's structured config: its registry record's solver, the flags' layers,
-    target step and solver hyperparameters (a solver without flags takes its defaults)."""
+    target step and solver hyperparameters, solved in --solve_dtype (a solver without flags
+    takes its defaults, but the dtype)."""
     layers = flags.layer_tuple
     target = TargetConfig(layer=layers[-1], v_loss_layer=n_layers - 1,
                           fact_token=flags.fact_token, v_num_grad_steps=flags.v_num_grad_steps,
                           v_lr=flags.v_lr, v_weight_decay=flags.v_weight_decay,
                           clamp_norm_factor=flags.clamp_norm_factor, kl_factor=flags.kl_factor)
+    solver = registry.method_record(method).solver
     return StructuredConfig(
-        layers=layers, solver=registry.method_record(method).solver, target=target,
-        memit=downstream.MemitHParams(mom2_update_weight=flags.mom2_update_weight),
-        alphaedit=downstream.AlphaEditHParams(l2=flags.alphaedit_l2))
+        layers=layers, solver=solver, target=target,
+        memit=downstream.MemitHParams(mom2_update_weight=flags.mom2_update_weight,
+                                      dtype=flags.solve_dtype),
+        alphaedit=downstream.AlphaEditHParams(l2=flags.alphaedit_l2, dtype=flags.solve_dtype),
+        solver_hparams=downstream.RomeHParams(dtype=flags.solve_dtype) if solver == "rome"
+        else None)
 
 
 def stats_source(checkpoint: Path, flags: StructuredFlags, cache: Path) -> Path:
@@ -241,11 +251,15 @@ def evaluate(records: Sequence[Any], params: Params, cfg: Any, tokenizer: Any,
 
 def run_templates(params: Params, cfg: Any, tokenizer: Any, flags: StructuredFlags,
                   seed: int) -> tuple[str, ...]:
-    """"{}" and one generated template per --context_seeds word (none: "{}" alone)."""
+    """The --context_templates file's templates when given; else "{}" and one generated
+    template per --context_seeds word, sampled with --context_top_k (none: "{}" alone)."""
+    if flags.context_templates:
+        return read_context_templates(flags.context_templates)
     if not flags.context_seeds:
         return ("{}",)
     return context_templates(params, cfg, tokenizer, jax.random.key(seed),
-                             ContextConfig(seeds=tuple(flags.context_seeds.split(","))))
+                             ContextConfig(seeds=tuple(flags.context_seeds.split(",")),
+                                           top_k=flags.context_top_k))
 
 
 def run_structured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, Any]:

@@ -104,8 +104,10 @@ def unstructured_config(method: str, structured: StructuredFlags, flags: LongFor
     return UnstructuredConfig(
         layers=layers, solver=solver, target=target, window=window,
         in_context_preservation=flags.in_context_preservation,
-        memit=downstream.MemitHParams(mom2_update_weight=structured.mom2_update_weight),
-        alphaedit=downstream.AlphaEditHParams(l2=structured.alphaedit_l2, use_key_cache=False),
+        memit=downstream.MemitHParams(mom2_update_weight=structured.mom2_update_weight,
+                                      dtype=structured.solve_dtype),
+        alphaedit=downstream.AlphaEditHParams(l2=structured.alphaedit_l2, use_key_cache=False,
+                                              dtype=structured.solve_dtype),
         unke=downstream.UnkeHParams(lr=flags.unke_lr, steps=flags.unke_steps,
                                     weight_decay=flags.unke_weight_decay))
 

@@ -74,11 +74,17 @@ class ContextConfig:
       seeds: first words of the prefixes, one prefix each (anchors §1).
       length: total tokens of each prefix, seed (and BOS) included: the reference's
         `max_out_len=10` counts the prompt (anchors §1).
+      top_k: each token is sampled among the k most likely at temperature 1, as the
+        reference's generate_fast (top_k=5); 0 samples the full distribution.
     """
 
     seeds: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
     length: int = 10
+    top_k: int = 5
 
     def __post_init__(self) -> None:
         if not self.seeds:
             raise ValueError("ContextConfig.seeds is empty")
+        if self.top_k < 0:
+            raise ValueError(f"ContextConfig.top_k must be >= 0 (0: the full distribution), "
+                             f"got {self.top_k}")

@@ -5,8 +5,10 @@ The reference samples one continuation of each seed word ("The", "Therefore", "B
 `text.replace("{", " ").replace("}", " ") + ". {}"`; its samples are unseeded and cached per
 process. Here the PRNG key is explicit, so the same key gives the same templates (anchors §11.5).
 
-Deviation: the reference samples top-k=5; `GenerationConfig` has no top-k yet, so this samples
-the full distribution at temperature 1 (pass fixed templates to reproduce a reference run).
+As the reference, each token is drawn at temperature 1 among the `ContextConfig.top_k` (5) most
+likely ones (top_k=0: the full distribution). Sampled templates still differ from a reference
+run's (another PRNG); to reproduce one, pass its templates (`--context_templates`,
+`keedit_jax.data.read_context_templates`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def context_templates(params: Params, cfg: ModelConfig, tokenizer: Any, key: jax
         raise ValueError(f"ContextConfig.length={contexts.length} leaves no room to generate "
                          f"after the seeds {contexts.seeds}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    gen = GenerationConfig(max_new_tokens=new_tokens, temperature=1.0, pad_id=pad_id)
+    gen = GenerationConfig(max_new_tokens=new_tokens, temperature=1.0, top_k=contexts.top_k,
+                           pad_id=pad_id)
     outputs = generate(params, cfg, prompts, gen, key)
     texts = [tokenizer.decode(p + out, skip_special_tokens=True)
              for p, out in zip(prompts, outputs, strict=True)]
