@@ -162,6 +162,19 @@ def read_records(path: str | Path, dataset_format: str = "auto") -> list[Any]:
     return list(read_dataset(path, dataset_format))
 
 
+def encodable_requests(tokenizer: Any, requests: Sequence[Request], templates: Sequence[str],
+                       target: Any, max_positions: int) -> tuple[list[Request], dict[str, str]]:
+    """The requests that encode under every template, and why each other one does not;
+    none left is an EncodingError naming them all."""
+    from keedit_jax.upstream import encoding_failures  # noqa: PLC0415 (heavy)
+
+    failed = encoding_failures(tokenizer, requests, templates, target, max_positions)
+    kept = [r for r in requests if r.case_id not in failed]
+    if not kept:
+        raise EncodingError("none of the requests can be edited: " + "; ".join(failed.values()))
+    return kept, failed
+
+
 # ---------------------------------------------------------------- one-time edits
 
 
@@ -198,7 +211,6 @@ def edit(model: LoadedModel | str | Path, requests: Sequence[Any], method: str =
 
 def _edit_structured(lm: LoadedModel, requests: list[Request], chosen: Settings) -> EditResult:
     from keedit_jax.methods.run_structured import (  # noqa: PLC0415 (heavy)
-        encoding_failures,
         layer_moments,
         run_templates,
         solver_statistics,
@@ -210,11 +222,8 @@ def _edit_structured(lm: LoadedModel, requests: list[Request], chosen: Settings)
     tokenizer = load_tokenizer(lm.path, cfg)
     config = structured_config(chosen.method, flag_values, cfg.n_layers)
     templates = run_templates(lm.params, cfg, tokenizer, flag_values, chosen.seed)
-    failed = encoding_failures(tokenizer, requests, templates, config.target,
-                               cfg.max_positions)
-    kept = [r for r in requests if r.case_id not in failed]
-    if not kept:
-        raise EncodingError("none of the requests can be edited: " + "; ".join(failed.values()))
+    kept, failed = encodable_requests(tokenizer, requests, templates, config.target,
+                                      cfg.max_positions)
     _, moments = layer_moments(lm.params, cfg, tokenizer, lm.path, flag_values, config.layers)
     stats = solver_statistics(moments, registry.method_record(chosen.method).statistics,
                               flag_values.nullspace_threshold)
@@ -316,7 +325,6 @@ class SequentialEditor:
     def edit(self, batch: Sequence[Any]) -> dict[str, Any]:
         """Insert one batch; returns its report (per-request diagnostics, failed requests).
         A batch whose optimisation or solve fails changes nothing and raises."""
-        from keedit_jax.methods.run_structured import encoding_failures  # noqa: PLC0415
         from keedit_jax.methods.structured import edit_requests  # noqa: PLC0415
 
         requests = as_requests(batch)
@@ -324,12 +332,8 @@ class SequentialEditor:
             raise ValueError("SequentialEditor edits structured requests (prompt, subject, "
                              "target)")
         cfg = self.model.config
-        failed = encoding_failures(self.tokenizer, requests, self.templates,
-                                   self.config.target, cfg.max_positions)
-        kept = [r for r in requests if r.case_id not in failed]
-        if not kept:
-            raise EncodingError("none of the batch can be edited: "
-                                + "; ".join(failed.values()))
+        kept, failed = encodable_requests(self.tokenizer, requests, self.templates,
+                                          self.config.target, cfg.max_positions)
         self.edited, self.states, diagnostics = edit_requests(
             self.edited, cfg, self.tokenizer, kept, self.templates, self.stats, self.states,
             self.config, solver=self.solver, refine=self.refine)
