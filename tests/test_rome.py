@@ -148,3 +148,20 @@ def test_rome_on_the_organism_through_the_command_line(tmp_path):
     assert results["pre"]["rewrite_success"][0] <= 50
     assert not results["failed"]
     assert results["title"] == "rome on 3 requests, batch size 1"
+
+
+def test_solve_dtype_float64_reaches_rome_through_the_structured_config():
+    """--solve_dtype=float64 gives ROME a float64 solve with x64 on (as MEMIT's), not a
+    float64 request that silently runs in float32."""
+    from keedit_jax.flags import StructuredFlags
+    from keedit_jax.methods.run_structured import structured_config
+
+    config = structured_config("rome", StructuredFlags(layers="1", solve_dtype="float64"), 4)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 6))
+    delta, _, report = config.make_solver().update(
+        jnp.asarray(a @ a.T + 6 * np.eye(6), jnp.float32),
+        jnp.asarray(rng.normal(size=(1, 6)), jnp.float32),
+        jnp.asarray(rng.normal(size=(1, 3)), jnp.float32), ds.RomeState(),
+        kernel=jnp.zeros((6, 3), jnp.float32))
+    assert delta.dtype == jnp.float64 and float(report.rel_residual) < 1e-12

@@ -84,11 +84,15 @@ def _rome_solver(hparams: RomeHParams) -> Solver:
 
 
 # Each solver runs in its hparams' dtype (x64 on for float64: `in_float64`).
+def _rome_in_dtype(hparams: RomeHParams) -> Solver:
+    return in_solve_dtype(_rome_solver(hparams), hparams.dtype)
+
+
 STRUCTURED_SOLVERS: dict[str, Callable[[Any], Solver]] = {
     "memit": lambda config: in_solve_dtype(memit(config.memit), config.memit.dtype),
     "alphaedit": lambda config: in_solve_dtype(alphaedit(config.alphaedit),
                                                config.alphaedit.dtype),
-    "rome": lambda config: _rome_solver(config.solver_hparams or RomeHParams()),
+    "rome": lambda config: _rome_in_dtype(config.solver_hparams or RomeHParams()),
 }
 
 __all__ = [

@@ -200,7 +200,7 @@ def solver_inputs(params: Params, cfg: Any, tokenizer: Any, checkpoint: Path,
     if config.solver == "unke":
         return {}, alpaca_pool(checkpoint, flags)
     _, moments = layer_moments(params, cfg, tokenizer, checkpoint, structured, config.layers)
-    kind = registry.method_record(config.solver).statistics
+    kind = registry.SOLVER_STATISTICS[config.solver]
     return solver_statistics(moments, kind, structured.nullspace_threshold), []
 
 
