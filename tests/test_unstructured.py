@@ -188,6 +188,8 @@ def test_command_line_reports_bad_records_and_edits_the_rest(tmp_path, tiny_chec
     assert len(results["verdicts"]) == 3 and results["verdicts"][0].startswith("Ori.: new facts")
     assert "After the edit:" in (out / "results.md").read_text()
     assert "1 long-form edits" in results["title"]
+    partial = json.loads((out / "partial.json").read_text())  # what a stopped run keeps
+    assert partial["answers"] == results["answers"] and partial["failed"] == results["failed"]
     broken = _unkebench(REQUESTS[1].answer, "Q?")
     broken[1]["answer"] = " "
     dataset.write_text(json.dumps(broken))

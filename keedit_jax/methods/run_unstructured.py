@@ -47,7 +47,7 @@ from keedit_jax.eval.fact_metrics import (
     side_file,
 )
 from keedit_jax.eval.longform_metrics import EMBEDDING_KEY, score_pairs
-from keedit_jax.files import staged_file
+from keedit_jax.files import atomic_write, staged_file
 from keedit_jax.flags import (
     DataFlags,
     EditFlags,
@@ -395,6 +395,15 @@ def examples(records: Sequence[LongFormRecord], pre: Sequence[dict], post: Seque
 # ---------------------------------------------------------------- the run
 
 
+def save_partial(output: Path, pre: Sequence[dict], post: Sequence[dict],
+                 seconds: Sequence[float], failed: dict[Any, str]) -> None:
+    """The edited records' scored answers so far, rewritten after each batch: a long run
+    stopped later keeps them (read as results.json's "answers" are)."""
+    atomic_write(output / "partial.json", json.dumps(
+        {"answers": {"pre": list(pre), "post": list(post)}, "seconds_per_batch": list(seconds),
+         "failed": {str(k): v for k, v in failed.items()}}, indent=1, default=str))
+
+
 def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, Any]:
     model: ModelFlags = configs["ModelFlags"]
     data: DataFlags = configs["DataFlags"]
@@ -462,6 +471,8 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
         current = edited if edit.sequential else params
         logging.info("edited %d/%d (%.1f s for this batch of %d)", start + len(batch_edits),
                      len(edits), seconds[-1], len(batch_edits))
+        save_partial(Path(run.output_dir), [row for row in pre if row["record"] in edited_ids],
+                     post, seconds, failed)
     if config.solver != "unke" and (edit.sequential or len(edits) <= edit.edit_batch_size):
         # the run's one edited model (UnKE's regression changes whole layers: not written)
         save_edited_layers(Path(run.output_dir) / EDITED_LAYERS, edited, down_proj_path(cfg),
