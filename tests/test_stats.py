@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from keedit_jax import intervene, stats
-from keedit_jax.flags import STATS_SOURCE_NAMES, StructuredFlags
+from keedit_jax.flags import StructuredFlags
 from keedit_jax.methods.run_structured import stats_source
 from keedit_jax.models import config_from_hf, down_proj_path, get_path, init_params
 from keedit_jax.models.tokenizer import load_tokenizer
@@ -427,7 +427,6 @@ def test_real_models_default_to_the_corpus_and_say_how_to_install(monkeypatch, t
     own = tmp_path / "own.txt"
     own.write_text("Some text.")
     assert stats_source(checkpoint, StructuredFlags(stats_source=str(own)), tmp_path) == own
-    assert STATS_SOURCE_NAMES == stats.SOURCE_NAMES  # the flags' light copy
     StructuredFlags(stats_source="wikipedia-vital")
     with pytest.raises(FileNotFoundError, match="no such file nor one of wikipedia-vital"):
         StructuredFlags(stats_source="wikipedia")

@@ -58,6 +58,7 @@ from keedit_jax.downstream._memit import (
     memit_update,
 )
 from keedit_jax.downstream._ote import (
+    CORRECTION_RIDGE,
     POST_PROCESSING,
     OteHParams,
     OteState,
@@ -79,23 +80,22 @@ from keedit_jax.downstream._unke import (
 )
 
 
-def _rome_solver(hparams: RomeHParams) -> Solver:
+def _rome_solver(config: Any) -> Solver:
+    hparams = config.solver_hparams or RomeHParams(dtype=config.solve_dtype)
     return in_solve_dtype(rome(hparams), hparams.dtype)
 
 
-# Each solver runs in its hparams' dtype (x64 on for float64: `in_float64`).
-def _rome_in_dtype(hparams: RomeHParams) -> Solver:
-    return in_solve_dtype(_rome_solver(hparams), hparams.dtype)
-
-
+# Each solver from a `methods.structured.StructuredConfig`, run in its hparams' dtype (x64 on
+# for float64: `in_float64`).
 STRUCTURED_SOLVERS: dict[str, Callable[[Any], Solver]] = {
     "memit": lambda config: in_solve_dtype(memit(config.memit), config.memit.dtype),
     "alphaedit": lambda config: in_solve_dtype(alphaedit(config.alphaedit),
                                                config.alphaedit.dtype),
-    "rome": lambda config: _rome_in_dtype(config.solver_hparams or RomeHParams()),
+    "rome": _rome_solver,
 }
 
 __all__ = [
+    "CORRECTION_RIDGE",
     "POST_PROCESSING",
     "STRUCTURED_SOLVERS",
     "LyapLockHParams",

@@ -42,6 +42,7 @@ from keedit_jax.downstream._linalg import SolveDtype, SolveReport, make_report, 
 Array = jax.Array
 PostProcessing = Literal["none", "prune", "rect"]
 POST_PROCESSING = ("none", "prune", "rect")
+CORRECTION_RIDGE = 1.0  # ρ of Algorithm 1's error-corrected solve: the released code's + I
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,7 +52,7 @@ class OteHParams:
     mom2_update_weight: λ on E[kkᵀ] (the paper's 3000; 0 drops the preserved term, as
                         AlphaEdit's Eq. 2 does).
     project:            use the null-space projector P (AlphaEdit family).
-    ridge:              ρ; Algorithm 1's code adds 1, AlphaEdit's L2 is 10.
+    ridge:              ρ; Algorithm 1's code adds 1 (CORRECTION_RIDGE), AlphaEdit's L2 is 10.
     accumulate_keys:    carry G (OTE-aligned); False is the naive re-application of OTE.
     memorize_latest:    anchor the preserved term at W₀ and forget earlier batches (Eq. 32).
     post:               none, prune or rect (the post-processing regulariser R_p).

@@ -74,14 +74,12 @@ def structured_config(method: str, flags: StructuredFlags, n_layers: int) -> Str
                           fact_token=flags.fact_token, v_num_grad_steps=flags.v_num_grad_steps,
                           v_lr=flags.v_lr, v_weight_decay=flags.v_weight_decay,
                           clamp_norm_factor=flags.clamp_norm_factor, kl_factor=flags.kl_factor)
-    solver = registry.method_record(method).solver
     return StructuredConfig(
-        layers=layers, solver=solver, target=target,
+        layers=layers, solver=registry.method_record(method).solver, target=target,
         memit=downstream.MemitHParams(mom2_update_weight=flags.mom2_update_weight,
                                       dtype=flags.solve_dtype),
         alphaedit=downstream.AlphaEditHParams(l2=flags.alphaedit_l2, dtype=flags.solve_dtype),
-        solver_hparams=downstream.RomeHParams(dtype=flags.solve_dtype) if solver == "rome"
-        else None)
+        solve_dtype=flags.solve_dtype)
 
 
 def stats_source(checkpoint: Path, flags: StructuredFlags, cache: Path) -> Path:

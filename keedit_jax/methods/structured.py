@@ -42,8 +42,8 @@ Array = jax.Array
 class StructuredConfig:
     """Which layers to edit and how: the target step, then one closed-form solver, named by
     its key in `downstream.STRUCTURED_SOLVERS` (a registry record's `solver`). MEMIT and
-    AlphaEdit read their own hparams field; any other solver reads `solver_hparams` (its
-    default hyperparameters when None)."""
+    AlphaEdit read their own hparams field; any other solver reads `solver_hparams` (when
+    None, its default hyperparameters solved in `solve_dtype`)."""
 
     layers: tuple[int, ...]
     solver: str
@@ -51,6 +51,7 @@ class StructuredConfig:
     memit: downstream.MemitHParams = downstream.MemitHParams()
     alphaedit: downstream.AlphaEditHParams = downstream.AlphaEditHParams()
     solver_hparams: Any = None
+    solve_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.solver not in downstream.STRUCTURED_SOLVERS:
