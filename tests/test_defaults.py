@@ -129,3 +129,18 @@ def test_a_mirrored_flag_sets_the_field_it_mirrors(builder):
             "config")
         checked += 1
     assert checked >= 8
+
+
+def test_a_library_literal_is_the_flags_choices_on_the_command_line_and_in_the_api():
+    """--fact_token's choices come from TargetConfig's Literal type: absl refuses another
+    value naming them, and so does the dataclass the Python API builds."""
+    from absl import flags as absl_flags
+
+    values = absl_flags.FlagValues()
+    flags.define_flags(flags.FLAG_GROUPS, values)
+    with pytest.raises(absl_flags.IllegalFlagValueError, match="subject_last|last"):
+        values(["prog", "--fact_token=first"])
+    with pytest.raises(ValueError, match="--fact_token='first': one of subject_last, last"):
+        flags.StructuredFlags(fact_token="first")
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(flags.LongFormFlags)}
+    assert choices["affinity_gradients"] == ("used", "vmap", "loop")

@@ -213,7 +213,7 @@ def test_sequential_editors_read_the_same_flag():
     editor = make_editor("memit_seq", flags.StructuredFlags(solve_dtype="float64"),
                          flags.SequentialFlags())
     assert editor.hparams.dtype == "float64"
-    with pytest.raises(ValueError, match="--solve_dtype must be float32 or float64"):
+    with pytest.raises(ValueError, match="--solve_dtype=.float16.: one of float32, float64"):
         flags.StructuredFlags(solve_dtype="float16")
 
 
