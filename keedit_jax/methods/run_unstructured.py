@@ -100,7 +100,9 @@ def unstructured_config(method: str, structured: StructuredFlags, flags: LongFor
                           coefficient_order=flags.coefficient_order,
                           affinity_context=flags.affinity_context,
                           affinity_steps=flags.affinity_steps, affinity_lr=flags.affinity_lr,
-                          affinity_gradients=flags.affinity_gradients)
+                          affinity_gradients=flags.affinity_gradients,
+                          float16_coefficients=flags.float16_coefficients,
+                          double_bos=flags.double_bos)
     return UnstructuredConfig(
         layers=layers, solver=solver, target=target, window=window,
         in_context_preservation=flags.in_context_preservation,

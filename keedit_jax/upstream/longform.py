@@ -57,6 +57,12 @@ class WindowConfig:
       affinity_gradients: the figures' gradients from one forward and a backward for each
         figure that exists, in turn ("used"), or for all N padded figures vmap'd ("vmap": more
         work, fewer kernels), or one jax.grad per figure ("loop": less memory, more time).
+      float16_coefficients: accumulate the Matryoshka coefficients in float16 as the released
+        get_token_coeffs does (`windows.float16_figure_sum`; δ moves by ~1e-4 relative).
+      double_bos: encode the prompt as the released long-form code does: the chat-template
+        text tokenised again by a tokenizer that prepends BOS, so a Llama-3 prompt starts
+        with two (`released_prompt_ids`); every position, the shift sites and the solve's
+        contexts move by one. Ours has one BOS, the intended use of the template.
     """
 
     strategy: Strategy = "matryoshka_affinity"
@@ -67,6 +73,8 @@ class WindowConfig:
     affinity_steps: int = 3
     affinity_lr: float = 0.5
     affinity_gradients: Literal["used", "vmap", "loop"] = "used"
+    float16_coefficients: bool = False
+    double_bos: bool = False
 
     def __post_init__(self) -> None:
         is_sequential(self.strategy)  # validates the name
@@ -121,6 +129,17 @@ class WindowBatch:
     n_target: Array  # [E] int32
 
 
+def released_prompt_ids(tokenizer: Any, question: str) -> list[int]:
+    """The prompt ids of the released long-form code: the chat template rendered as text,
+    then tokenised with the tokenizer's special tokens (a BOS-prepending tokenizer adds a
+    second BOS before the template's own); without a chat template, the plain question."""
+    if not getattr(tokenizer, "chat_template", None):
+        return encode_prompts(tokenizer, [question], chat=False)[0]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                         add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
 def encode_edit(tokenizer: Any, request: LongFormRequest, config: WindowConfig,
                 max_positions: int, eot: str | None = None) -> EncodedEdit:
     """Ids and windows of one request; EncodingError names the case and what is wrong."""
@@ -128,7 +147,8 @@ def encode_edit(tokenizer: Any, request: LongFormRequest, config: WindowConfig,
     if not request.question.strip() or not request.answer.strip():
         field = "question" if not request.question.strip() else "answer"
         raise EncodingError(f"request {case}: the {field} is empty")
-    prompt = encode_prompts(tokenizer, [request.question])[0]
+    prompt = (released_prompt_ids(tokenizer, request.question) if config.double_bos
+              else encode_prompts(tokenizer, [request.question])[0])
     eot = end_of_turn_token(tokenizer) if eot is None else eot
     target = list(tokenizer(request.answer + eot, add_special_tokens=False)["input_ids"])
     if tokenizer.bos_token_id is not None and target and target[0] == tokenizer.bos_token_id:

@@ -107,7 +107,8 @@ def _stage_weights(wc: WindowConfig, batch: WindowBatch, stage: Array,
     """[E, 1, T] token weights of every edit for this stage."""
     lambdas = jax.vmap(partial(affinity_lambdas, order=wc.coefficient_order),
                        in_axes=(0, None, 0))(affinity_en, stage, batch.n_windows)
-    weights = jax.vmap(partial(stage_token_weights, wc.strategy),
+    weights = jax.vmap(partial(stage_token_weights, wc.strategy,
+                               float16=wc.float16_coefficients),
                        in_axes=(0, 0, 0, 0, 0, None, 0))(
         batch.token_index, batch.starts, batch.ends, batch.n_windows, batch.n_target, stage,
         lambdas)

@@ -73,14 +73,30 @@ def affinity_lambdas(affinity_row: Array, stage: Array, n_windows: Array,
     return 2.0 - affinity_row[mirrored]
 
 
+def float16_figure_sum(figure: Array, covered: Array, n_figures: Array) -> Array:
+    """[T] Σ_k figure_k · covered_kt / n_figures as the released get_token_coeffs computes it
+    in a float16 tensor: the figures added largest first (k from N − 1 down), each λ rounded
+    to float16 before its add and every partial sum rounded, then the division in float16."""
+    half = figure.astype(jnp.float16)
+
+    def add(k: Array, total: Array) -> Array:
+        k = figure.shape[0] - 1 - k
+        return jnp.where(covered[k] > 0, total + half[k], total)
+
+    total = jax.lax.fori_loop(0, figure.shape[0], add, jnp.zeros(covered.shape[1], jnp.float16))
+    return (total / n_figures.astype(jnp.float16)).astype(jnp.float32)
+
+
 def stage_token_weights(strategy: Strategy, token_index: Array, starts: Array, ends: Array,
                         n_windows: Array, n_target: Array, stage: Array,
-                        lambdas: Array | None = None) -> Array:
+                        lambdas: Array | None = None, float16: bool = False) -> Array:
     """NLL weight of every sequence position while optimising δ_stage (see the module table).
 
     token_index [T]: target-relative index u of the label at each position, −1 for none.
     starts, ends [N]: window bounds (padded windows beyond n_windows are ignored).
     lambdas [N]: λ_{stage,k} (matryoshka_affinity only; vanilla uses 1).
+    float16: the Matryoshka coefficients Σ_k λ_k / (N − i) accumulated in float16 as the
+      released code does (`float16_figure_sum`); the division by M − s_i stays float32.
     """
     u = token_index
     is_target = u >= 0
@@ -98,6 +114,9 @@ def stage_token_weights(strategy: Strategy, token_index: Array, starts: Array, e
     lam = jnp.ones(starts.shape, jnp.float32) if strategy == "matryoshka_vanilla" else lambdas
     figure = ((k >= stage) & (k < n_windows)).astype(jnp.float32) * lam  # [N]
     covered = (u[None, :] < ends[:, None]).astype(jnp.float32)  # [N, T]: token in figure k
+    if float16:
+        coefficient = float16_figure_sum(figure, covered, n_windows - stage)
+        return jnp.where(remaining, coefficient / n_remaining, 0.0)
     summed = jnp.einsum("k,kt->t", figure, covered)
     return jnp.where(remaining, summed / ((n_windows - stage) * n_remaining), 0.0)
 
