@@ -363,3 +363,21 @@ def test_the_released_switches_reach_the_long_form_config():
     assert config.window.coefficient_order == "released"
     default = unstructured_config("muke", flags.StructuredFlags(), flags.LongFormFlags(), 32)
     assert not (default.window.float16_coefficients or default.window.double_bos)
+
+
+def test_the_statistics_accumulate_in_the_flags_dtype(monkeypatch, tmp_path):
+    """--stats_accumulate_dtype reaches the StatsConfig of every protocol's statistics
+    (layer_moments) and its cache file's name."""
+    from keedit_jax.methods import run_structured
+
+    seen = []
+    monkeypatch.setattr(run_structured, "load_or_compute",
+                        lambda *a, config, path, **k: seen.append((config, path)) or {})
+    text = tmp_path / "text.txt"
+    text.write_text("Some text.")
+    for dtype in ("float32", "float64"):
+        run_structured.layer_moments(None, None, None, tmp_path, flags.StructuredFlags(
+            stats_source=str(text), stats_accumulate_dtype=dtype), (1, 2))
+    assert [c.accumulate_dtype for c, _ in seen] == ["float32", "float64"]
+    assert [p.name.endswith(f"_{d}.npz") for (_, p), d in zip(seen, ("float32", "float64"),
+                                                               strict=True)] == [True, True]
