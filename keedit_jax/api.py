@@ -209,63 +209,134 @@ def edit(model: LoadedModel | str | Path, requests: Sequence[Any], method: str =
     return _edit_structured(lm, items, chosen)
 
 
-def _edit_structured(lm: LoadedModel, requests: list[Request], chosen: Settings) -> EditResult:
-    from keedit_jax.methods.run_structured import (  # noqa: PLC0415 (heavy)
-        layer_moments,
-        run_templates,
-        solver_statistics,
-        structured_config,
-    )
-    from keedit_jax.methods.structured import edit_requests  # noqa: PLC0415
+@dataclasses.dataclass(frozen=True)
+class PreparedStructured:
+    """A structured method made ready on one model: its config, context templates and solver
+    statistics, computed once; `apply` edits one batch. The command line's one-time protocol
+    applies each batch to the unedited model with it, as `edit` applies its one batch."""
 
-    cfg, flag_values = lm.config, chosen.structured
-    tokenizer = load_tokenizer(lm.path, cfg)
-    config = structured_config(chosen.method, flag_values, cfg.n_layers)
-    templates = run_templates(lm.params, cfg, tokenizer, flag_values, chosen.seed)
-    kept, failed = encodable_requests(tokenizer, requests, templates, config.target,
-                                      cfg.max_positions)
-    _, moments = layer_moments(lm.params, cfg, tokenizer, lm.path, flag_values, config.layers)
-    stats = solver_statistics(moments, registry.method_record(chosen.method).statistics,
-                              flag_values.nullspace_threshold)
-    states = downstream.init_states(config.make_solver(), config.layers, cfg.d_ff, cfg.d_model)
-    params, states, diagnostics = edit_requests(lm.params, cfg, tokenizer, kept, templates,
-                                                stats, states, config)
-    return EditResult(params, states, {"diagnostics": diagnostics["requests"],
-                                       "templates": list(templates),
-                                       "failed": {str(k): v for k, v in failed.items()}})
+    model: LoadedModel
+    tokenizer: Any
+    config: Any  # methods.structured.StructuredConfig
+    templates: tuple[str, ...]
+    stats: Mapping[int, Any]
+
+    @classmethod
+    def build(cls, lm: LoadedModel, tokenizer: Any, method: str,
+              structured: flags.StructuredFlags, seed: int,
+              moments: Mapping[int, Any] | None = None) -> PreparedStructured:
+        """`moments`: the edited layers' second moments when the caller has read them."""
+        from keedit_jax.methods.run_structured import (  # noqa: PLC0415 (heavy)
+            layer_moments,
+            run_templates,
+            solver_statistics,
+            structured_config,
+        )
+
+        config = structured_config(method, structured, lm.config.n_layers)
+        templates = run_templates(lm.params, lm.config, tokenizer, structured, seed)
+        if moments is None:
+            _, moments = layer_moments(lm.params, lm.config, tokenizer, lm.path, structured,
+                                       config.layers)
+        stats = solver_statistics(moments, registry.method_record(method).statistics,
+                                  structured.nullspace_threshold)
+        return cls(lm, tokenizer, config, tuple(templates), stats)
+
+    def apply(self, requests: Sequence[Request], params: Params | None = None) -> EditResult:
+        """One batch into `params` (default: the unedited model), from fresh solver states;
+        requests that do not encode are reported under report["failed"]."""
+        from keedit_jax.methods.structured import edit_requests  # noqa: PLC0415 (heavy)
+
+        cfg = self.model.config
+        kept, failed = encodable_requests(self.tokenizer, requests, self.templates,
+                                          self.config.target, cfg.max_positions)
+        states = downstream.init_states(self.config.make_solver(), self.config.layers,
+                                        cfg.d_ff, cfg.d_model)
+        edited, states, diagnostics = edit_requests(
+            self.model.params if params is None else params, cfg, self.tokenizer, kept,
+            self.templates, self.stats, states, self.config)
+        return EditResult(edited, states, {"diagnostics": diagnostics["requests"],
+                                           "templates": list(self.templates),
+                                           "failed": {str(k): v for k, v in failed.items()}})
+
+
+def _edit_structured(lm: LoadedModel, requests: list[Request], chosen: Settings) -> EditResult:
+    tokenizer = load_tokenizer(lm.path, lm.config)
+    return PreparedStructured.build(lm, tokenizer, chosen.method, chosen.structured,
+                                    chosen.seed).apply(requests)
+
+
+@dataclasses.dataclass
+class PreparedLongForm:
+    """A long-form method made ready on one model: its config and solver inputs (statistics,
+    or UnKE's preservation pool), computed once; `apply` edits one batch of encoded edits.
+    The preservation samples are drawn from one generator across batches, as the command
+    line's protocol draws them."""
+
+    model: LoadedModel
+    config: Any  # methods.unstructured.UnstructuredConfig
+    stats: Mapping[int, Any]
+    preservation: Any  # () -> downstream.Contexts | None
+    pad_id: int
+
+    @classmethod
+    def build(cls, lm: LoadedModel, tokenizer: Any, config: Any,
+              structured: flags.StructuredFlags,
+              longform: flags.LongFormFlags) -> PreparedLongForm:
+        """`config`: the method's `methods.unstructured.UnstructuredConfig` (its windows
+        encode the edits, before anything expensive)."""
+        from keedit_jax.methods.run_unstructured import (  # noqa: PLC0415 (heavy)
+            SAMPLE_SEED,
+            preservation_contexts,
+            solver_inputs,
+        )
+
+        pad_id = tokenizer.pad_token_id or 0
+        stats, pool = solver_inputs(lm.params, lm.config, tokenizer, lm.path, config,
+                                    structured, longform)
+        rng = np.random.default_rng(SAMPLE_SEED)
+
+        def preservation() -> Any:
+            return (preservation_contexts(tokenizer, pool, longform.preservation_samples, rng,
+                                          pad_id) if pool else None)
+
+        return cls(lm, config, stats, preservation, pad_id)
+
+    def apply(self, edits: Sequence[Any], params: Params | None = None,
+              upfront_affinity: bool = True) -> EditResult:
+        """One batch of `upstream.longform.EncodedEdit`s into `params` (default: the unedited
+        model). `upfront_affinity`: μKE's affinities of the unedited model, from the cache
+        (a sequential stream, which edits the model, computes them inside the edit)."""
+        from keedit_jax.methods.run_unstructured import batch_affinity  # noqa: PLC0415
+        from keedit_jax.methods.unstructured import edit_longform  # noqa: PLC0415
+
+        current = self.model.params if params is None else params
+        cfg = self.model.config
+        affinity = batch_affinity(current, cfg, edits, self.config, self.pad_id,
+                                  self.model.path) if upfront_affinity else None
+        edited, dropped, diagnostics = edit_longform(
+            current, cfg, edits, self.stats, self.config, pad_id=self.pad_id,
+            preservation=self.preservation(), affinity=affinity)
+        return EditResult(edited, {}, {"diagnostics": diagnostics,
+                                       "failed": {str(k): v for k, v in dropped.items()}})
 
 
 def _edit_longform(lm: LoadedModel, records: list[LongFormRecord],
                    chosen: Settings) -> EditResult:
-    from keedit_jax.methods.run_unstructured import (  # noqa: PLC0415 (heavy)
-        SAMPLE_SEED,
-        batch_affinity,
-        preservation_contexts,
-        solver_inputs,
-        unstructured_config,
-    )
-    from keedit_jax.methods.unstructured import edit_longform  # noqa: PLC0415
+    from keedit_jax.methods.run_unstructured import unstructured_config  # noqa: PLC0415
     from keedit_jax.upstream.longform import encode_edits  # noqa: PLC0415
 
-    cfg, longform = lm.config, chosen.longform
-    tokenizer = load_tokenizer(lm.path, cfg)
-    pad_id = tokenizer.pad_token_id or 0
-    config = unstructured_config(chosen.method, chosen.structured, longform, cfg.n_layers)
-    edits, failed = encode_edits(tokenizer, records, config.window, cfg.max_positions)
+    tokenizer = load_tokenizer(lm.path, lm.config)
+    config = unstructured_config(chosen.method, chosen.structured, chosen.longform,
+                                 lm.config.n_layers)
+    edits, failed = encode_edits(tokenizer, records, config.window, lm.config.max_positions)
     if not edits:
         raise EncodingError("none of the requests can be edited: " + "; ".join(failed.values()))
-    stats, pool = solver_inputs(lm.params, cfg, tokenizer, lm.path, config, chosen.structured,
-                                longform)
-    preservation = (preservation_contexts(tokenizer, pool, longform.preservation_samples,
-                                          np.random.default_rng(SAMPLE_SEED), pad_id)
-                    if pool else None)
-    affinity = batch_affinity(lm.params, cfg, edits, config, pad_id, lm.path)
-    params, dropped, diagnostics = edit_longform(lm.params, cfg, edits, stats, config,
-                                                 pad_id=pad_id, preservation=preservation,
-                                                 affinity=affinity)
-    failed.update(dropped)
-    return EditResult(params, {}, {"diagnostics": diagnostics,
-                                   "failed": {str(k): v for k, v in failed.items()}})
+    prepared = PreparedLongForm.build(lm, tokenizer, config, chosen.structured, chosen.longform)
+    result = prepared.apply(edits)
+    result.report["failed"] = {**{str(k): v for k, v in failed.items()},
+                               **result.report["failed"]}
+    return result
 
 
 # ---------------------------------------------------------------- sequential editing

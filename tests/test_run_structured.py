@@ -56,17 +56,18 @@ def test_a_failure_in_the_11th_edit_keeps_the_first_10(tmp_path, monkeypatch):
     from keedit_jax import flags
     from keedit_jax.api import resolve_checkpoint
     from keedit_jax.methods import run_structured as runner
+    from keedit_jax.methods import structured
     from keedit_jax.upstream import NonFiniteShiftError
 
     monkeypatch.setenv("KEEDIT_CACHE", str(tmp_path / "cache"))
-    real_edit = runner.edit_requests
+    real_edit = structured.edit_requests
 
     def failing_on_the_11th(params, cfg, tokenizer, requests, *args, **kwargs):
         if requests[0].case_id == 10:
             raise NonFiniteShiftError("request 10: the shift loss is nan at step 2")
         return real_edit(params, cfg, tokenizer, requests, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "edit_requests", failing_on_the_11th)
+    monkeypatch.setattr(structured, "edit_requests", failing_on_the_11th)
     out = tmp_path / "out"
     configs = {
         "ModelFlags": flags.ModelFlags(model="organism:small"),

@@ -21,6 +21,7 @@ from absl import logging
 from safetensors.numpy import save_file
 
 from keedit_jax import downstream, parallel, registry
+from keedit_jax.api import PreparedStructured
 from keedit_jax.data import (
     CounterFactRecord,
     read_context_templates,
@@ -38,8 +39,8 @@ from keedit_jax.eval.structured import (
 )
 from keedit_jax.files import atomic_write, staged_file
 from keedit_jax.flags import DataFlags, EditFlags, ModelFlags, RunFlags, StructuredFlags
-from keedit_jax.methods.structured import StructuredConfig, edit_requests
-from keedit_jax.models import GenerationConfig, generate, load_model
+from keedit_jax.methods.structured import StructuredConfig
+from keedit_jax.models import GenerationConfig, LoadedModel, generate, load_model
 from keedit_jax.models.params import Params, down_proj_path, get_path
 from keedit_jax.models.tokenizer import encode_prompts, load_tokenizer, stop_token_ids
 from keedit_jax.organism.build import cache_root
@@ -127,13 +128,20 @@ class StructuredRun:
     that encode), the reason each other record is skipped, the statistics text and the edited
     layers' second moments (cached)."""
 
-    cfg: Any
-    params: Params
+    model: LoadedModel
     tokenizer: Any
     records: list[Any]
     failed: dict[int | str, str]
     source: Path
     moments: dict[int, Any]
+
+    @property
+    def cfg(self) -> Any:
+        return self.model.config
+
+    @property
+    def params(self) -> Params:
+        return self.model.params
 
 
 def encodable(records: Sequence[Any], tokenizer: Any, templates: Sequence[str],
@@ -195,7 +203,7 @@ def load_structured_run(checkpoint: Path, model: ModelFlags, data: DataFlags,
                             + "; ".join(failed.values()))
     source, moments = layer_moments(lm.params, lm.config, tokenizer, checkpoint, flags,
                                     flags.layer_tuple)
-    return StructuredRun(lm.config, lm.params, tokenizer, records, failed, source, moments)
+    return StructuredRun(lm, tokenizer, records, failed, source, moments)
 
 
 def layer_moments(params: Params, cfg: Any, tokenizer: Any, checkpoint: Path,
@@ -268,12 +276,10 @@ def run_structured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
     run: RunFlags = configs["RunFlags"]
     flags: StructuredFlags = configs["StructuredFlags"]
     loaded = load_structured_run(checkpoint, model, data, flags, edit.method)
-    cfg, params, tokenizer, failed = (loaded.cfg, loaded.params, loaded.tokenizer,
-                                      dict(loaded.failed))
-    config = structured_config(edit.method, flags, cfg.n_layers)
-    stats = solver_statistics(loaded.moments, registry.method_record(edit.method).statistics,
-                              flags.nullspace_threshold)
-    templates = run_templates(params, cfg, tokenizer, flags, run.seed)
+    cfg, tokenizer, failed = loaded.cfg, loaded.tokenizer, dict(loaded.failed)
+    prepared = PreparedStructured.build(loaded.model, tokenizer, edit.method, flags, run.seed,
+                                        loaded.moments)
+    config, templates = prepared.config, prepared.templates
     logging.info("context templates %s", templates)
     records = encodable(loaded.records, tokenizer, templates, config.target, failed,
                         cfg.max_positions)
@@ -281,15 +287,13 @@ def run_structured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
                                    for i in range(0, len(records), edit.edit_batch_size)])
     records = [r for batch in batches for r in batch]
     consistency = consistency_files(flags)
-    pre = evaluate(records, params, cfg, tokenizer, run.max_new_tokens, consistency)
+    pre = evaluate(records, loaded.params, cfg, tokenizer, run.max_new_tokens, consistency)
     done: dict[str, Any] = {"pre": [], "post": [], "diagnostics": [], "seconds": []}
-    states = downstream.init_states(config.make_solver(), config.layers, cfg.d_ff, cfg.d_model)
     for number, batch in enumerate(batches, 1):
         began = time.perf_counter()
         try:
-            edited, _, diagnostics = edit_requests(
-                params, cfg, tokenizer, [r.request for r in batch], templates, stats, states,
-                config)
+            result = prepared.apply([r.request for r in batch])
+            edited, diagnostics = result.params, result.report["diagnostics"]
             jax.block_until_ready(edited)
         except (NonFiniteShiftError, SolveError) as error:  # the batch is skipped, not the run
             logging.warning("skipping batch %d: %s", number, error)
@@ -302,8 +306,8 @@ def run_structured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
                                down_proj_path(cfg), config.layers)
         done["pre"] += [pre[records.index(r)] for r in batch]
         done["post"] += evaluate(batch, edited, cfg, tokenizer, run.max_new_tokens, consistency)
-        done["diagnostics"] += diagnostics["requests"]
-        log_batch(number, len(batches), diagnostics["requests"], done["seconds"][-1])
+        done["diagnostics"] += diagnostics
+        log_batch(number, len(batches), diagnostics, done["seconds"][-1])
         save_partial(Path(run.output_dir), done, failed)
     if not done["post"]:
         raise EncodingError(f"no batch could be edited: {'; '.join(failed.values())}")

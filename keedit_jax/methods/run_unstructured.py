@@ -31,6 +31,7 @@ import numpy as np
 from absl import logging
 
 from keedit_jax import downstream, parallel, registry
+from keedit_jax.api import PreparedLongForm
 from keedit_jax.data import (
     AlpacaRecord,
     DatasetError,
@@ -63,7 +64,7 @@ from keedit_jax.methods.run_structured import (
     solver_statistics,
     warn_if_fewer,
 )
-from keedit_jax.methods.unstructured import METHOD_PARTS, UnstructuredConfig, edit_longform
+from keedit_jax.methods.unstructured import METHOD_PARTS, UnstructuredConfig
 from keedit_jax.models import GenerationConfig, generate, load_model
 from keedit_jax.models.generate import bucket, left_pad
 from keedit_jax.models.params import Params, down_proj_path
@@ -416,7 +417,6 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
     lm = load_model(checkpoint, jnp.dtype(model.dtype), parallel.model_shardings)
     cfg, params = lm.config, lm.params
     tokenizer = load_tokenizer(checkpoint, cfg)
-    pad_id = tokenizer.pad_token_id or 0
     if not data.dataset and data.dataset_format not in ORGANISM_FILES:
         raise FileNotFoundError(f"the organism has no {data.dataset_format} file: give "
                                 "--dataset")
@@ -433,7 +433,7 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
     if not edits:
         raise EncodingError(f"none of the {len(records)} records can be edited: "
                             + "; ".join(failed.values()))
-    stats, pool = solver_inputs(params, cfg, tokenizer, checkpoint, config, structured, flags)
+    prepared = PreparedLongForm.build(lm, tokenizer, config, structured, flags)
     from keedit_jax.eval.sentence_encoder import load_sentence_encoder  # noqa: PLC0415
 
     encoder = load_sentence_encoder(flags.sentence_encoder, cache_root() / "sentence_encoders",
@@ -447,23 +447,17 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
                                    flags.temperature, key)
     sheets = FactSheets.for_dataset(dataset, records)
     pre = score(asked, pre_answers, embed, sheets)
-    rng = np.random.default_rng(SAMPLE_SEED)
     post, seconds, current, edited_ids = [], [], params, set()
     for start in range(0, len(edits), edit.edit_batch_size):
         batch_edits = edits[start:start + edit.edit_batch_size]
         began = time.perf_counter()
         # the cache holds affinities of the unedited model: sequential runs edit it
-        affinity = None if edit.sequential else batch_affinity(
-            current, cfg, batch_edits, config, pad_id, checkpoint)
-        preservation = (preservation_contexts(tokenizer, pool, flags.preservation_samples,
-                                              rng, pad_id) if pool else None)
-        edited, dropped, _ = edit_longform(current, cfg, batch_edits, stats, config,
-                                           pad_id=pad_id, preservation=preservation,
-                                           affinity=affinity)
+        result = prepared.apply(batch_edits, current, upfront_affinity=not edit.sequential)
+        edited, dropped = result.params, result.report["failed"]
         jax.block_until_ready(edited)
         seconds.append(time.perf_counter() - began)
         failed.update(dropped)
-        done = [index[x.case_id] for x in batch_edits if x.case_id not in dropped]
+        done = [index[x.case_id] for x in batch_edits if str(x.case_id) not in dropped]
         edited_ids.update(done)
         batch_asked = [q for q in asked if q.record in done]
         if batch_asked:
