@@ -416,11 +416,15 @@ class SequentialEditor:
     def _checkpoints(self, directory: str | Path) -> Any:
         from keedit_jax.stream_checkpoint import StreamCheckpoints, run_fingerprint  # noqa: PLC0415
 
-        settings_json = {name: dataclasses.asdict(getattr(self.settings, name))
-                         for name in ("structured", "sequential", "metake")}
-        return StreamCheckpoints(directory, run_fingerprint({
-            "method": {"name": self.method}, "model": {"path": str(self.model.path)},
-            "templates": {"texts": list(self.templates)}, **settings_json}))
+        groups = {name: getattr(self.settings, name)
+                  for name in ("structured", "sequential", "metake")}
+        settings = {"method": {"name": self.method}, "model": {"path": str(self.model.path)},
+                    "templates": {"texts": list(self.templates)},
+                    **{name: dataclasses.asdict(group) for name, group in groups.items()}}
+        defaults = {name: {f.name: f.default for f in dataclasses.fields(group)}
+                    for name, group in groups.items()}
+        return StreamCheckpoints(directory, run_fingerprint(settings), settings=settings,
+                                 defaults=defaults)
 
     def _stream_state(self) -> dict[str, Any]:
         from keedit_jax.methods.run_structured import layer_kernels  # noqa: PLC0415

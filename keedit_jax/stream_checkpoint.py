@@ -49,12 +49,43 @@ def run_fingerprint(configs: Mapping[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-class StreamCheckpoints:
-    """Save and restore (state pytree, JSON metadata) at integer steps (batches done)."""
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
-    def __init__(self, directory: str | Path, fingerprint: str, max_to_keep: int = 2) -> None:
+
+def setting_changes(saved: Mapping[str, Any], current: Mapping[str, Any],
+                    defaults: Mapping[str, Any]) -> list[str]:
+    """How this run's settings differ from a checkpoint's, one "group.name: old -> new" each
+    (NOT_FINGERPRINTED left out). A setting the checkpoint lacks counts only off its default:
+    a newer version's option at its default computes what the older version did."""
+    saved, current, defaults = _as_json(saved), _as_json(current), _as_json(defaults)
+    changes, missing = [], object()
+    for group in sorted(set(saved) | set(current)):
+        old, new = saved.get(group, {}), current.get(group, {})
+        for name in sorted((set(old) | set(new)) - NOT_FINGERPRINTED):
+            before, after = old.get(name, missing), new.get(name, missing)
+            if before is missing and after == defaults.get(group, {}).get(name, missing):
+                continue
+            if before != after:
+                changes.append(f"{group}.{name}: "
+                               f"{'absent' if before is missing else repr(before)} -> "
+                               f"{'absent' if after is missing else repr(after)}")
+    return changes
+
+
+class StreamCheckpoints:
+    """Save and restore (state pytree, JSON metadata) at integer steps (batches done).
+
+    With `settings` (the run's configuration by group) and their `defaults`, a step records
+    the settings, so a later version of the library resumes it when only options it added
+    are new (at their defaults), and a refusal names the settings that differ."""
+
+    def __init__(self, directory: str | Path, fingerprint: str, max_to_keep: int = 2, *,
+                 settings: Mapping[str, Any] | None = None,
+                 defaults: Mapping[str, Any] | None = None) -> None:
         self.directory = Path(directory).resolve()
         self.fingerprint = fingerprint
+        self.settings, self.defaults = settings, defaults or {}
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -64,6 +95,8 @@ class StreamCheckpoints:
 
     def save(self, step: int, state: Any, metadata: Mapping[str, Any]) -> None:
         meta = {**metadata, "fingerprint": self.fingerprint, "step": step}
+        if self.settings is not None:
+            meta["settings"] = _as_json(self.settings)
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
         self.manager.wait_until_finished()
@@ -93,14 +126,29 @@ class StreamCheckpoints:
         meta = self.manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"]
         if meta.get("fingerprint") != self.fingerprint:
-            raise CheckpointMismatchError(
-                f"checkpoint {self.directory} (step {step}) was written by a run with another "
-                f"configuration (fingerprint {meta.get('fingerprint')} != {self.fingerprint}); "
-                f"use another --checkpoint_dir, or --noresume to start over in it")
+            self._check_settings(step, meta)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         state = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract)))["state"]
         return step, state, meta
+
+    def _check_settings(self, step: int, meta: Mapping[str, Any]) -> None:
+        """A step of another fingerprint resumes only if its recorded settings equal this
+        run's up to new options at their defaults; else CheckpointMismatchError."""
+        where = f"checkpoint {self.directory} (step {step}) was written by a run with another "
+        advice = "; use another --checkpoint_dir, or --noresume to start over in it"
+        if "settings" not in meta or self.settings is None:
+            raise CheckpointMismatchError(
+                f"{where}configuration (fingerprint {meta.get('fingerprint')} != "
+                f"{self.fingerprint}){advice}")
+        changes = setting_changes(meta["settings"], self.settings, self.defaults)
+        if changes:
+            shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more"
+                                               if len(changes) > 5 else "")
+            raise CheckpointMismatchError(f"{where}configuration: {shown}{advice}")
+        logging.info("checkpoint %s (step %d) is from an earlier version: its settings equal "
+                     "this run's, the options added since at their defaults", self.directory,
+                     step)
 
     def clear(self) -> None:
         for step in self.manager.all_steps():

@@ -164,6 +164,31 @@ def test_a_checkpoint_of_another_configuration_is_not_resumed(tmp_path):
         StreamCheckpoints(tmp_path, run_fingerprint(changed)).restore(state)
 
 
+def test_a_later_version_resumes_when_only_its_new_options_are_at_their_defaults(tmp_path):
+    """A step records its settings: a run that adds an option at its default (what a newer
+    library does) resumes it; the same option off its default, or a changed value, is
+    refused with the setting named."""
+    defaults = {"StructuredFlags": {"mom2_update_weight": 15000.0, "solve_dtype": "float32"}}
+    saved = {"StructuredFlags": {"mom2_update_weight": 1.0}, "templates": {"texts": ["{}"]}}
+    state = {"kernels": {0: np.ones((3, 2), np.float32)}}
+    StreamCheckpoints(tmp_path, run_fingerprint(saved), settings=saved,
+                      defaults=defaults).save(1, state, {"applied": [[0]]})
+
+    def resume(structured: dict) -> tuple:
+        current = {**saved, "StructuredFlags": structured}
+        return StreamCheckpoints(tmp_path, run_fingerprint(current), settings=current,
+                                 defaults=defaults).restore(state)
+
+    step, _, meta = resume({"mom2_update_weight": 1.0, "solve_dtype": "float32"})
+    assert step == 1 and meta["applied"] == [[0]]
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"StructuredFlags.solve_dtype: absent -> 'float64'"):
+        resume({"mom2_update_weight": 1.0, "solve_dtype": "float64"})
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"StructuredFlags.mom2_update_weight: 1.0 -> 2.0.*--noresume"):
+        resume({"mom2_update_weight": 2.0, "solve_dtype": "float32"})
+
+
 SLOW = pytest.mark.slow  # each is a command-line run (~30 s); the solvers' math is tested fast
 
 

@@ -324,8 +324,10 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
                for i in range(0, len(records), edit.edit_batch_size)]
     resolved = {name: dataclasses.asdict(c) for name, c in configs.items()}
     resolved["templates"] = {"texts": list(templates)}  # sampled: the flags alone do not fix them
+    defaults = {name: {f.name: f.default for f in dataclasses.fields(c)}
+                for name, c in configs.items()}
     store = StreamCheckpoints(seq.checkpoint_dir or Path(run.output_dir) / "checkpoints",
-                              run_fingerprint(resolved))
+                              run_fingerprint(resolved), settings=resolved, defaults=defaults)
     params, states = original, downstream.init_states(solver, config.layers, cfg.d_ff,
                                                       cfg.d_model)
     progress: dict[str, Any] = {"history": [], "applied": [], "seconds": [], "slots": {},
