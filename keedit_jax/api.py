@@ -350,6 +350,25 @@ class SequentialEditor:
 
     def __init__(self, model: LoadedModel | str | Path, method: str = "memit_seq",
                  **hparams: Any) -> None:
+        lm, chosen = as_model(model), settings(method, hparams)
+        if chosen.sequential.resolve_conflicts:
+            raise ValueError("resolve_conflicts keeps a registry of the stream's facts: run it "
+                             "through the command line (run_sequential)")
+        self._prepare(lm, load_tokenizer(lm.path, lm.config), chosen)
+
+    @classmethod
+    def prepared(cls, lm: LoadedModel, tokenizer: Any, chosen: Settings,
+                 moments: Mapping[int, Any] | None = None,
+                 editor: Any = None) -> SequentialEditor:
+        """The editor of the sequential command line, from what it has loaded: the tokenizer,
+        the edited layers' second moments and its `run_sequential.Editor` (checked before
+        anything was loaded)."""
+        stream = cls.__new__(cls)
+        stream._prepare(lm, tokenizer, chosen, moments, editor)
+        return stream
+
+    def _prepare(self, lm: LoadedModel, tokenizer: Any, chosen: Settings,
+                 moments: Mapping[int, Any] | None = None, editor: Any = None) -> None:
         from keedit_jax.methods.metake import metake_refiner  # noqa: PLC0415 (heavy)
         from keedit_jax.methods.run_sequential import make_editor  # noqa: PLC0415
         from keedit_jax.methods.run_structured import (  # noqa: PLC0415
@@ -359,29 +378,26 @@ class SequentialEditor:
             structured_config,
         )
 
-        self.model, chosen = as_model(model), settings(method, hparams)
-        if chosen.sequential.resolve_conflicts:
-            raise ValueError("resolve_conflicts keeps a registry of the stream's facts: run it "
-                             "through the command line (run_sequential)")
-        cfg, flag_values, seq = self.model.config, chosen.structured, chosen.sequential
-        self.method, self.tokenizer = method, load_tokenizer(self.model.path, cfg)
-        self.editor = make_editor(method, flag_values, seq, chosen.metake)
-        self.solver = downstream.in_solve_dtype(self.editor.solver, flag_values.solve_dtype)
-        self.config = structured_config("memit", flag_values, cfg.n_layers)
-        self.templates = run_templates(self.model.params, cfg, self.tokenizer, flag_values,
-                                       chosen.seed)
-        _, moments = layer_moments(self.model.params, cfg, self.tokenizer, self.model.path,
-                                   flag_values, self.config.layers)
+        cfg, structured = lm.config, chosen.structured
+        self.model, self.method, self.tokenizer = lm, chosen.method, tokenizer
+        self.settings = chosen
+        self.editor = editor or make_editor(chosen.method, structured, chosen.sequential,
+                                            chosen.metake)
+        self.solver = downstream.in_solve_dtype(self.editor.solver, structured.solve_dtype)
+        self.config = structured_config("memit", structured, cfg.n_layers)
+        self.templates = run_templates(lm.params, cfg, tokenizer, structured, chosen.seed)
+        if moments is None:
+            _, moments = layer_moments(lm.params, cfg, tokenizer, lm.path, structured,
+                                       self.config.layers)
         self.stats = solver_statistics(moments, self.editor.stats_kind,
-                                       flag_values.nullspace_threshold)
+                                       structured.nullspace_threshold)
         self.refine = None if self.editor.metake is None else metake_refiner(
             self.editor.metake, cfg, self.config.target, self.stats, self.config.layers,
             self.editor.hparams)
-        self.edited = self.model.params
+        self.edited = lm.params
         self.states = downstream.init_states(self.solver, self.config.layers, cfg.d_ff,
                                              cfg.d_model)
         self.batches = 0
-        self.settings = chosen
 
     @property
     def params(self) -> Params:
@@ -394,8 +410,9 @@ class SequentialEditor:
                                   down_proj_path(self.model.config), self.config.layers)
 
     def edit(self, batch: Sequence[Any]) -> dict[str, Any]:
-        """Insert one batch; returns its report (per-request diagnostics, failed requests).
-        A batch whose optimisation or solve fails changes nothing and raises."""
+        """Insert one batch; returns its report (per-request diagnostics, the (keys, values)
+        each layer was fitted to, failed requests). A batch whose optimisation or solve
+        fails changes nothing and raises."""
         from keedit_jax.methods.structured import edit_requests  # noqa: PLC0415
 
         requests = as_requests(batch)
@@ -410,7 +427,7 @@ class SequentialEditor:
             self.config, solver=self.solver, refine=self.refine)
         jax.block_until_ready(self.edited)
         self.batches += 1
-        return {"diagnostics": diagnostics["requests"],
+        return {"diagnostics": diagnostics["requests"], "fitted": diagnostics["fitted"],
                 "failed": {str(k): v for k, v in failed.items()}}
 
     def _checkpoints(self, directory: str | Path) -> Any:

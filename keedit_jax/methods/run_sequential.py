@@ -41,6 +41,7 @@ import numpy as np
 from absl import logging
 
 from keedit_jax import downstream, parallel
+from keedit_jax.api import SequentialEditor, Settings
 from keedit_jax.data import CounterFactRecord
 from keedit_jax.eval.structured import (
     evaluate_counterfact,
@@ -60,7 +61,7 @@ from keedit_jax.flags import (
     StructuredFlags,
 )
 from keedit_jax.methods.general_probe import GeneralProbe
-from keedit_jax.methods.metake import MetaKEConfig, metake_refiner
+from keedit_jax.methods.metake import MetaKEConfig
 from keedit_jax.methods.run_structured import (
     EDITED_LAYERS,
     consistency_files,
@@ -70,13 +71,9 @@ from keedit_jax.methods.run_structured import (
     layer_kernels,
     load_structured_run,
     log_batch,
-    run_templates,
     save_edited_layers,
-    solver_statistics,
-    structured_config,
     unedited_neighbours,
 )
-from keedit_jax.methods.structured import edit_requests
 from keedit_jax.models.checkpoint import export_gguf
 from keedit_jax.models.params import Params, down_proj_path, get_path, set_layers
 from keedit_jax.plots import CURVE_METRICS, plot_curves
@@ -303,20 +300,18 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
     run: RunFlags = configs["RunFlags"]
     flags: StructuredFlags = configs["StructuredFlags"]
     seq: SequentialFlags = configs["SequentialFlags"]
-    editor = make_editor(edit.method, flags, seq, configs["MetaKEFlags"])
-    solver = downstream.in_solve_dtype(editor.solver, flags.solve_dtype)
+    editor = make_editor(edit.method, flags, seq, configs["MetaKEFlags"])  # before loading
     loaded = load_structured_run(checkpoint, model, data, flags)
     cfg, original, tokenizer = loaded.cfg, loaded.params, loaded.tokenizer
-    config = structured_config("memit", flags, cfg.n_layers)
-    templates = run_templates(original, cfg, tokenizer, flags, run.seed)
+    chosen = Settings(edit.method, flags, configs["LongFormFlags"], seq, configs["MetaKEFlags"],
+                      run.seed, run.max_new_tokens)
+    stream = SequentialEditor.prepared(loaded.model, tokenizer, chosen, loaded.moments, editor)
+    config, templates, stats = stream.config, stream.templates, stream.stats
     logging.info("context templates %s", templates)
     failed = dict(loaded.failed)
     records = encodable(loaded.records, tokenizer, templates, config.target, failed,
                         cfg.max_positions)
     records = unedited_neighbours([records])[0]  # the stream edits every subject
-    stats = solver_statistics(loaded.moments, editor.stats_kind, flags.nullspace_threshold)
-    refine = None if editor.metake is None else metake_refiner(
-        editor.metake, cfg, config.target, stats, config.layers, editor.hparams)
     probe = GeneralProbe.build(original, cfg, tokenizer, seq, drift_source=loaded.source,
                                skip=flags.stats_samples)
     path = down_proj_path(cfg)
@@ -328,15 +323,14 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
                 for name, c in configs.items()}
     store = StreamCheckpoints(seq.checkpoint_dir or Path(run.output_dir) / "checkpoints",
                               run_fingerprint(resolved), settings=resolved, defaults=defaults)
-    params, states = original, downstream.init_states(solver, config.layers, cfg.d_ff,
-                                                      cfg.d_model)
     progress: dict[str, Any] = {"history": [], "applied": [], "seconds": [], "slots": {},
                                 "diagnostics": []}
     registry = FactRegistry.empty(len({fact_key(r) for r in records}), config.layers,
                                   cfg.d_ff, cfg.d_model) if seq.resolve_conflicts else None
 
     def stream_state() -> dict[str, Any]:
-        state = {"kernels": layer_kernels(params, path, config.layers), "solver": states}
+        state = {"kernels": layer_kernels(stream.edited, path, config.layers),
+                 "solver": stream.states}
         return {**state, "registry": registry.arrays()} if registry else state
 
     restored = store.restore(stream_state()) if seq.resume else None
@@ -351,7 +345,8 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
         position = 0
     else:
         position, state, progress = restored
-        params, states = set_layers(original, path, state["kernels"]), state["solver"]
+        stream.edited = set_layers(original, path, state["kernels"])
+        stream.states, stream.batches = state["solver"], position
         if registry:
             registry.load(state["registry"])
         logging.info("resuming %s at batch %d/%d (%d edits done) from %s", edit.method,
@@ -361,34 +356,31 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
         batch = batches[index]
         began = time.perf_counter()
         if seq.resolve_conflicts:
-            params, states = resolve_repeated_facts(params, states, registry, batch, stats,
-                                                    flags.mom2_update_weight, path, progress)
-        params, states, diagnostics = edit_requests(
-            params, cfg, tokenizer, [r.request for r in batch], templates, stats, states,
-            config, solver=solver, refine=refine)
+            stream.edited, stream.states = resolve_repeated_facts(
+                stream.edited, stream.states, registry, batch, stats, flags.mom2_update_weight,
+                path, progress)
+        inserted = stream.edit([r.request for r in batch])
         if seq.resolve_conflicts:
-            registry.store(batch, diagnostics["fitted"], progress)
-        jax.block_until_ready(params)
+            registry.store(batch, inserted["fitted"], progress)
         progress["seconds"].append(time.perf_counter() - began)
         progress["applied"].append([r.case_id for r in batch])
-        progress["diagnostics"].extend(diagnostics["requests"])
+        progress["diagnostics"].extend(inserted["diagnostics"])
         done = sum(map(len, progress["applied"]))
-        log_batch(index + 1, len(batches), diagnostics["requests"], progress["seconds"][-1])
+        log_batch(index + 1, len(batches), inserted["diagnostics"], progress["seconds"][-1])
         logging.info("%s: %d edits done (%.2f edits/s)", edit.method, done,
                      len(batch) / progress["seconds"][-1])
         last = index + 1 == len(batches)
         if (index + 1) % seq.eval_every == 0 or last:
             point = {"edits": done, **headline(edit_metrics(latest_records(records[:done]),
-                                                            params, cfg, tokenizer)),
-                     **probe(params), **queue_weights(states, editor)}
+                                                            stream.edited, cfg, tokenizer)),
+                     **probe(stream.edited), **queue_weights(stream.states, editor)}
             progress["history"].append(point)
             logging.info("after %d edits: %s", done, point)
         if (index + 1) % seq.checkpoint_every == 0 or last:
             store.save(index + 1, stream_state(), progress)
         save_progress(Path(run.output_dir), progress)
     store.close()
-    if editor.prune_at_end:
-        params = prune_total_update(params, original, path, config.layers)
+    params = stream.params  # naive PRUNE's once-at-the-end compression applied
     save_edited_layers(Path(run.output_dir) / EDITED_LAYERS, params, path, config.layers)
     if run.export_gguf:
         host_params = parallel.to_host(params)  # a collective: every process gathers
