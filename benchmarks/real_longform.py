@@ -4,7 +4,7 @@ pre and post, each method's gain per record and μKE − AnyEdit per record, wit
 The runs are the command line itself (`configs/real/{muke,anyedit}_unkebench.cfg`, the same
 records); this reads their results.json files.
 
-Run:      python -m benchmarks.real_longform            (about 70 minutes on 2 cores)
+Run:      python -m benchmarks.real_longform            (about 3 hours on 2 cores: 30 records each)
 Summary:  python -m benchmarks.real_longform --summary_only
 """
 
