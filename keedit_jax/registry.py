@@ -1,11 +1,14 @@
-"""One record per editing method: the single table the flags, the runners and the solver
-choices are derived from, so a new method is one record (plus its solver), not edits in
-four string-keyed tables. Light to import (no jax): flags.py reads it."""
+"""One record per editing method: the single table the flags, the runners, the structured
+solvers, the sequential editors and the flagfile check are derived from, so a new method is
+one record plus its solver, not edits in string-keyed tables. Light to import (no jax):
+flags.py reads it, and the factories are import paths ("module:function") resolved on use."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import importlib
+from collections.abc import Callable
+from typing import Any, Literal
 
 Protocol = Literal["by_dataset", "structured", "longform", "sequential"]
 Statistics = Literal["moment", "projector", "ote"]
@@ -18,8 +21,16 @@ class MethodRecord:
     """A method: its protocol (by_dataset: structured, its --sequential stream, or long form
     by the dataset; structured: the structured protocol only), the long-form token-weight
     strategy (long-form capable methods only), the downstream solver (a structured method's is
-    a key of `keedit_jax.downstream.STRUCTURED_SOLVERS`), the key statistic that solver reads,
-    and its paper."""
+    built by a `solver_factory`), the key statistic that solver reads, and its paper.
+
+    solver_factory:    "module:function" building the structured solver from a
+                       `methods.structured.StructuredConfig`; given once per solver name, by
+                       the first record of that solver (the others share it).
+    sequential_editor: "module:function" building a streaming method's editor from its
+                       flags (`methods.run_sequential.Editor`); every method that can stream
+                       (sequential, or by_dataset with --sequential) has one.
+    post_processing:   whether --post_processing (PRUNE, RECT) applies to its stream.
+    The method's defaults are its flagfile, `configs/<name>.cfg` (`flagfile`)."""
 
     name: str
     protocol: Protocol
@@ -27,8 +38,17 @@ class MethodRecord:
     statistics: Statistics
     paper: str
     strategy: str = ""
+    solver_factory: str = ""
+    sequential_editor: str = ""
+    post_processing: bool = False
 
     def __post_init__(self) -> None:
+        streams = self.protocol in ("sequential", "by_dataset")
+        if streams != bool(self.sequential_editor):
+            raise ValueError(f"{self.name}: a {self.protocol} method "
+                             f"{'needs' if streams else 'has no'} sequential editor")
+        if self.post_processing and not streams:
+            raise ValueError(f"{self.name}: post-processing applies to streams only")
         if self.longform and not self.strategy:
             raise ValueError(f"{self.name}: a long-form capable method needs its strategy")
         if not self.longform and self.strategy:
@@ -40,15 +60,31 @@ class MethodRecord:
         """Whether the method edits long-form texts (then by its `strategy`)."""
         return self.protocol in LONGFORM_PROTOCOLS
 
+    @property
+    def structured(self) -> bool:
+        """Whether the method edits structured requests once per batch (a structured solver)."""
+        return self.protocol in ("by_dataset", "structured")
 
+    @property
+    def flagfile(self) -> str:
+        """The method's defaults as a flagfile, relative to the repository."""
+        return f"configs/{self.name}.cfg"
+
+
+_SEQ = "keedit_jax.methods.run_sequential"
 RECORDS = (
     MethodRecord(name="memit", protocol="by_dataset", strategy="one_for_all", solver="memit",
+                 solver_factory="keedit_jax.methods.structured:memit_solver",
+                 sequential_editor=f"{_SEQ}:memit_editor", post_processing=True,
                  statistics="moment", paper="Meng et al. 2023, Mass-Editing Memory in a "
                  "Transformer"),
     MethodRecord(name="alphaedit", protocol="by_dataset", strategy="one_for_all",
                  solver="alphaedit", statistics="projector",
+                 solver_factory="keedit_jax.methods.structured:alphaedit_solver",
+                 sequential_editor=f"{_SEQ}:alphaedit_editor",
                  paper="Fang et al. 2025, AlphaEdit: Null-Space Constrained Knowledge Editing"),
     MethodRecord(name="rome", protocol="structured", solver="rome", statistics="moment",
+                 solver_factory="keedit_jax.downstream._rome:structured_solver",
                  paper="Meng et al. 2022, Locating and Editing Factual Associations in GPT"),
     MethodRecord(name="unke", protocol="longform", strategy="one_for_all", solver="unke",
                  statistics="moment", paper="Deng et al. 2025, UnKE"),
@@ -62,15 +98,20 @@ RECORDS = (
     MethodRecord(name="muke_star", protocol="longform", strategy="matryoshka_affinity",
                  solver="unke", statistics="moment", paper="μKE* (on UnKE)"),
     MethodRecord(name="memit_seq", protocol="sequential", solver="memit", statistics="moment",
+                 sequential_editor=f"{_SEQ}:memit_editor", post_processing=True,
                  paper="OTE sequential editing: MEMIT-seq (aligned keys)"),
     MethodRecord(name="alphaedit_aligned", protocol="sequential", solver="ote",
-                 statistics="ote", paper="OTE sequential editing: aligned AlphaEdit"),
+                 statistics="ote", sequential_editor=f"{_SEQ}:aligned_alphaedit_editor",
+                 paper="OTE sequential editing: aligned AlphaEdit"),
     MethodRecord(name="memorize_latest", protocol="sequential", solver="ote",
-                 statistics="ote", paper="OTE sequential editing: memorize-latest"),
+                 statistics="ote", sequential_editor=f"{_SEQ}:memorize_latest_editor",
+                 paper="OTE sequential editing: memorize-latest"),
     MethodRecord(name="lyaplock", protocol="sequential", solver="lyaplock",
-                 statistics="moment", paper="LyapLock: bounded knowledge preservation"),
+                 statistics="moment", sequential_editor=f"{_SEQ}:lyaplock_editor",
+                 paper="LyapLock: bounded knowledge preservation"),
     MethodRecord(name="metake", protocol="sequential", solver="alphaedit",
-                 statistics="projector", paper="MetaKE: meta-learned targets on AlphaEdit"),
+                 statistics="projector", sequential_editor=f"{_SEQ}:alphaedit_editor",
+                 paper="MetaKE: meta-learned targets on AlphaEdit"),
 )
 METHODS: dict[str, MethodRecord] = {record.name: record for record in RECORDS}
 
@@ -87,6 +128,41 @@ def _solver_statistics(records: tuple[MethodRecord, ...]) -> dict[str, Statistic
 
 # The statistic each solver reads, from the records (the runners key statistics by solver).
 SOLVER_STATISTICS: dict[str, Statistics] = _solver_statistics(RECORDS)
+
+
+def _solver_factories(records: tuple[MethodRecord, ...]) -> dict[str, str]:
+    """Each structured solver's factory path, given once; every structured record's solver
+    must have one."""
+    out: dict[str, str] = {}
+    for record in records:
+        if record.solver_factory:
+            if out.setdefault(record.solver, record.solver_factory) != record.solver_factory:
+                raise ValueError(f"{record.name}: solver {record.solver!r} is built by "
+                                 f"{out[record.solver]}, not {record.solver_factory}")
+    for record in records:
+        if record.structured and record.solver not in out:
+            raise ValueError(f"{record.name}: structured solver {record.solver!r} has no "
+                             f"solver_factory in any record")
+    return out
+
+
+# The factory path of each structured solver, from the records.
+SOLVER_FACTORIES: dict[str, str] = _solver_factories(RECORDS)
+
+
+def load_factory(path: str) -> Callable[..., Any]:
+    """The function a "module:function" path names (imported on use, so this module stays
+    light)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def structured_solver_factory(solver: str) -> Callable[..., Any]:
+    """The factory of a structured solver (config -> Solver), or a ValueError naming them."""
+    if solver not in SOLVER_FACTORIES:
+        raise ValueError(f"unknown structured solver {solver!r}; solvers: "
+                         f"{', '.join(SOLVER_FACTORIES)}")
+    return load_factory(SOLVER_FACTORIES[solver])
 
 
 def method_record(name: str) -> MethodRecord:

@@ -16,9 +16,10 @@ import pytest
 from test_main import assert_clean_error, run_main
 
 from keedit_jax import downstream as ds
+from keedit_jax.downstream import _rome
 
 F, D = 24, 10
-X64 = ds.RomeHParams(dtype="float64")
+X64 = _rome.RomeHParams(dtype="float64")
 
 
 def spd(rng: np.random.Generator, f: int = F) -> np.ndarray:
@@ -34,8 +35,8 @@ def reference(c: np.ndarray, w: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.
 
 
 def update(c, keys, resid, kernel=None, hparams=X64):
-    return ds.rome_update(jnp.asarray(c), jnp.asarray(keys), jnp.asarray(resid),
-                          ds.rome_init(F, D), hparams,
+    return _rome.rome_update(jnp.asarray(c), jnp.asarray(keys), jnp.asarray(resid),
+                          _rome.rome_init(F, D), hparams,
                           kernel=None if kernel is None else jnp.asarray(kernel))
 
 
@@ -85,7 +86,7 @@ def test_a_batch_is_single_updates_in_turn_and_the_last_constraint_holds():
 def test_float32_default_and_float64_needs_x64():
     rng = np.random.default_rng(3)
     c, k, r = spd(rng), rng.standard_normal((1, F)), rng.standard_normal((1, D))
-    delta, _, report = update(c, k, r, hparams=ds.RomeHParams())
+    delta, _, report = update(c, k, r, hparams=_rome.RomeHParams())
     assert delta.dtype == jnp.float32 and float(report.rel_residual) < 1e-4
     with pytest.raises(ValueError, match="x64"):
         update(c, k, r)
@@ -96,7 +97,7 @@ def test_a_c_that_is_not_positive_definite_is_a_solve_error():
     c = spd(rng)
     c[0, 0] = -1.0
     _, _, report = update(c, rng.standard_normal((1, F)), rng.standard_normal((1, D)),
-                          hparams=ds.RomeHParams())
+                          hparams=_rome.RomeHParams())
     with pytest.raises(ds.SolveError, match="rome solve failed at layer 3 .*\\[7\\].*not fin"):
         ds.check_solve(report, layer=3, request_ids=(7,), method="rome")
 
@@ -105,7 +106,7 @@ def test_rome_edits_one_layer():
     from keedit_jax.methods.structured import StructuredConfig
     from keedit_jax.upstream import TargetConfig
 
-    solver = ds.rome(ds.RomeHParams())
+    solver = _rome.rome(_rome.RomeHParams())
     with pytest.raises(ValueError, match="rome edits at most 1 layer.*got layers 1, 2"):
         ds.check_layer_count(solver, (1, 2))
     with pytest.raises(ValueError, match="got layers 0, 2"):
@@ -120,8 +121,9 @@ def test_rome_edits_one_layer():
 def test_preserve_keys_are_refused():
     rng = np.random.default_rng(5)
     with pytest.raises(ValueError, match="no in-context preservation"):
-        ds.rome_update(jnp.asarray(spd(rng)), jnp.ones((1, F)), jnp.ones((1, D)),
-                       ds.rome_init(F, D), ds.RomeHParams(), preserve=jnp.ones((2, F)))
+        _rome.rome_update(jnp.asarray(spd(rng)), jnp.ones((1, F)), jnp.ones((1, D)),
+                          _rome.rome_init(F, D), _rome.RomeHParams(),
+                          preserve=jnp.ones((2, F)))
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -162,6 +164,6 @@ def test_solve_dtype_float64_reaches_rome_through_the_structured_config():
     delta, _, report = config.make_solver().update(
         jnp.asarray(a @ a.T + 6 * np.eye(6), jnp.float32),
         jnp.asarray(rng.normal(size=(1, 6)), jnp.float32),
-        jnp.asarray(rng.normal(size=(1, 3)), jnp.float32), ds.RomeState(),
+        jnp.asarray(rng.normal(size=(1, 3)), jnp.float32), _rome.RomeState(),
         kernel=jnp.zeros((6, 3), jnp.float32))
     assert delta.dtype == jnp.float64 and float(report.rel_residual) < 1e-12

@@ -4,13 +4,9 @@
 Orientation: kernels are [d_in, d_out], so the down-projection kernel is W [F, D], keys are
 rows [n, F] and residuals rows [n, D]; the papers' W [D, F] is our Wᵀ (see `_linalg`).
 
-`STRUCTURED_SOLVERS` is the structured pipeline's one solver table: a registry record's
-`solver` name -> the Solver built from a `methods.structured.StructuredConfig` (each reads its
-own hyperparameter field; a solver without one reads `solver_hparams`).
+A solver that one method alone uses (as ROME's) is reached through its registry record's
+`solver_factory`, not exported here.
 """
-
-from collections.abc import Callable
-from typing import Any
 
 from keedit_jax.downstream._alphaedit import (
     AlphaEditHParams,
@@ -70,7 +66,6 @@ from keedit_jax.downstream._ote import (
     rect,
     resolve_conflicts,
 )
-from keedit_jax.downstream._rome import RomeHParams, RomeState, rome, rome_init, rome_update
 from keedit_jax.downstream._unke import (
     Contexts,
     NonFiniteRegressionError,
@@ -79,25 +74,9 @@ from keedit_jax.downstream._unke import (
     unke_edit,
 )
 
-
-def _rome_solver(config: Any) -> Solver:
-    hparams = config.solver_hparams or RomeHParams(dtype=config.solve_dtype)
-    return in_solve_dtype(rome(hparams), hparams.dtype)
-
-
-# Each solver from a `methods.structured.StructuredConfig`, run in its hparams' dtype (x64 on
-# for float64: `in_float64`).
-STRUCTURED_SOLVERS: dict[str, Callable[[Any], Solver]] = {
-    "memit": lambda config: in_solve_dtype(memit(config.memit), config.memit.dtype),
-    "alphaedit": lambda config: in_solve_dtype(alphaedit(config.alphaedit),
-                                               config.alphaedit.dtype),
-    "rome": _rome_solver,
-}
-
 __all__ = [
     "CORRECTION_RIDGE",
     "POST_PROCESSING",
-    "STRUCTURED_SOLVERS",
     "LyapLockHParams",
     "LyapLockState",
     "OteHParams",
@@ -123,8 +102,6 @@ __all__ = [
     "MemitState",
     "NonFiniteRegressionError",
     "Readout",
-    "RomeHParams",
-    "RomeState",
     "SolveError",
     "SolveReport",
     "Solver",
@@ -146,9 +123,6 @@ __all__ = [
     "memit_system",
     "memit_update",
     "relative_residual",
-    "rome",
-    "rome_init",
-    "rome_update",
     "solve_dtype",
     "spread_residual",
     "unke_edit",

@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import cho_factor, cho_solve, solve_triangular
 
-from keedit_jax.downstream._layers import Solver
+from keedit_jax.downstream._layers import Solver, in_solve_dtype
 from keedit_jax.downstream._linalg import SolveDtype, SolveReport, all_finite, solve_dtype
 
 Array = jax.Array
@@ -103,3 +103,10 @@ def rome(hparams: RomeHParams) -> Solver:
     """ROME (Meng et al. 2022): one layer, rank one per request, no λ."""
     return Solver(rome_init, functools.partial(rome_update, hparams=hparams), "rome",
                   max_layers=1)
+
+
+def structured_solver(config: Any) -> Solver:
+    """ROME from a `methods.structured.StructuredConfig` (its registry record's factory): the
+    config's `solver_hparams`, else the defaults solved in its `solve_dtype`."""
+    hparams = config.solver_hparams or RomeHParams(dtype=config.solve_dtype)
+    return in_solve_dtype(rome(hparams), hparams.dtype)

@@ -88,7 +88,8 @@ PROTOCOLS: dict[str, Callable[..., dict[str, Any]]] = {
 REGISTRY: dict[str, Callable[..., dict[str, Any]]] = {
     record.name: PROTOCOLS[record.protocol] for record in RECORDS}
 
-POST_PROCESSED = ("memit", "memit_seq")
+# The methods whose streams --post_processing (PRUNE, RECT) applies to, from their records.
+POST_PROCESSED = tuple(r.name for r in RECORDS if r.post_processing)
 
 
 def check_method_flags(configs: dict[str, Any]) -> None:

@@ -77,6 +77,7 @@ from keedit_jax.methods.run_structured import (
 from keedit_jax.models.checkpoint import export_gguf
 from keedit_jax.models.params import Params, down_proj_path, get_path, set_layers
 from keedit_jax.plots import CURVE_METRICS, plot_curves
+from keedit_jax.registry import RECORDS, load_factory
 from keedit_jax.stream_checkpoint import StreamCheckpoints, run_fingerprint
 
 # What each solver reads per layer: E[kkᵀ], the projector P, or both (OteStats).
@@ -95,16 +96,16 @@ class Editor:
     hparams: Any = None  # the solver's (MetaKE's gate and LyapLock's queue weights read them)
 
 
-def _lyaplock_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
-                     metake: MetaKEFlags) -> Editor:
+def lyaplock_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
+                    metake: MetaKEFlags) -> Editor:
     queue = downstream.LyapLockHParams(
         mom2_update_weight=structured.mom2_update_weight, alpha=seq.lyaplock_alpha,
         control=seq.lyaplock_control, drift=seq.lyaplock_drift, dtype=structured.solve_dtype)
     return Editor(downstream.lyaplock(queue), "moment", hparams=queue)
 
 
-def _alphaedit_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
-                      metake: MetaKEFlags) -> Editor:
+def alphaedit_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
+                     metake: MetaKEFlags) -> Editor:
     """AlphaEdit with its key cache; MetaKE refines its targets through the same solve."""
     meta = None if method == "alphaedit" else MetaKEConfig(
         steps=metake.metake_steps, meta_lr=metake.metake_lr, gate=metake.metake_gate,
@@ -115,22 +116,22 @@ def _alphaedit_editor(method: str, structured: StructuredFlags, seq: SequentialF
     return Editor(downstream.alphaedit(hparams), "projector", metake=meta, hparams=hparams)
 
 
-def _aligned_alphaedit_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
-                              metake: MetaKEFlags) -> Editor:
+def aligned_alphaedit_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
+                             metake: MetaKEFlags) -> Editor:
     return Editor(downstream.ote(downstream.OteHParams(
         mom2_update_weight=structured.mom2_update_weight, project=True,
         ridge=structured.alphaedit_l2, dtype=structured.solve_dtype), method), "ote")
 
 
-def _memorize_latest_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
-                            metake: MetaKEFlags) -> Editor:
+def memorize_latest_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
+                           metake: MetaKEFlags) -> Editor:
     return Editor(downstream.ote(downstream.OteHParams(
         mom2_update_weight=structured.mom2_update_weight, accumulate_keys=False,
         memorize_latest=True, dtype=structured.solve_dtype), method), "ote")
 
 
-def _memit_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
-                  metake: MetaKEFlags) -> Editor:
+def memit_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
+                 metake: MetaKEFlags) -> Editor:
     """Naive MEMIT or MEMIT-seq (aligned keys), with PRUNE/RECT post-processing: naive PRUNE
     once after the stream, the others per batch in the OTE family (with Algorithm 1's error
     correction when aligned)."""
@@ -149,11 +150,9 @@ def _memit_editor(method: str, structured: StructuredFlags, seq: SequentialFlags
 
 
 # Each method a sequential stream can run (its registry record's protocol is "sequential", or
-# "by_dataset" with --sequential), and the factory of its editor.
-SEQUENTIAL_EDITORS = {
-    "memit": _memit_editor, "memit_seq": _memit_editor, "alphaedit": _alphaedit_editor,
-    "metake": _alphaedit_editor, "alphaedit_aligned": _aligned_alphaedit_editor,
-    "memorize_latest": _memorize_latest_editor, "lyaplock": _lyaplock_editor}
+# "by_dataset" with --sequential): its record's `sequential_editor` path.
+SEQUENTIAL_EDITORS: dict[str, str] = {
+    r.name: r.sequential_editor for r in RECORDS if r.sequential_editor}
 
 
 def make_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
@@ -162,7 +161,8 @@ def make_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
     if method not in SEQUENTIAL_EDITORS:
         raise ValueError(f"{method} has no sequential editor; sequential methods: "
                          f"{', '.join(SEQUENTIAL_EDITORS)}")
-    return SEQUENTIAL_EDITORS[method](method, structured, seq, metake or MetaKEFlags())
+    return load_factory(SEQUENTIAL_EDITORS[method])(method, structured, seq,
+                                                    metake or MetaKEFlags())
 
 
 def prune_total_update(params: Params, original: Params, path: tuple[str, ...],

@@ -4,8 +4,8 @@ targets (upstream.compute_targets: m* at the last edited layer)
   -> keys at each edited layer, averaged over the context templates
   -> downstream.edit_layers: per layer in increasing depth, residual spread R/(L-i),
      closed-form solve (MEMIT: λC + KKᵀ; AlphaEdit: projected, with the previous-edit cache)
-A new structured method is a new solver in `downstream.STRUCTURED_SOLVERS` and its registry
-record, not a new copy of this pipeline nor an edit here.
+A new structured method is a new solver and its registry record (whose `solver_factory`
+builds the solver from a `StructuredConfig`), not a new copy of this pipeline nor an edit here.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from keedit_jax import downstream, parallel
+from keedit_jax import downstream, parallel, registry
 from keedit_jax.data import Request
 from keedit_jax.intervene import Taps, run
 from keedit_jax.models.config import ModelConfig
@@ -41,7 +41,7 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StructuredConfig:
     """Which layers to edit and how: the target step, then one closed-form solver, named by
-    its key in `downstream.STRUCTURED_SOLVERS` (a registry record's `solver`). MEMIT and
+    its registry record's `solver` (built by the record's `solver_factory`). MEMIT and
     AlphaEdit read their own hparams field; any other solver reads `solver_hparams` (when
     None, its default hyperparameters solved in `solve_dtype`)."""
 
@@ -54,9 +54,7 @@ class StructuredConfig:
     solve_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.solver not in downstream.STRUCTURED_SOLVERS:
-            raise ValueError(f"unknown structured solver {self.solver!r}; solvers: "
-                             f"{', '.join(downstream.STRUCTURED_SOLVERS)}")
+        registry.structured_solver_factory(self.solver)  # ValueError naming the solvers
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be increasing and distinct, got {self.layers}")
         if self.target.layer != self.layers[-1]:
@@ -65,7 +63,18 @@ class StructuredConfig:
         downstream.check_layer_count(self.make_solver(), self.layers)
 
     def make_solver(self) -> downstream.Solver:
-        return downstream.STRUCTURED_SOLVERS[self.solver](self)
+        return registry.structured_solver_factory(self.solver)(self)
+
+
+def memit_solver(config: Any) -> downstream.Solver:
+    """MEMIT from its config's `memit` hyperparameters, in their dtype (x64 on for float64)."""
+    return downstream.in_solve_dtype(downstream.memit(config.memit), config.memit.dtype)
+
+
+def alphaedit_solver(config: Any) -> downstream.Solver:
+    """AlphaEdit from its config's `alphaedit` hyperparameters, in their dtype."""
+    return downstream.in_solve_dtype(downstream.alphaedit(config.alphaedit),
+                                     config.alphaedit.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

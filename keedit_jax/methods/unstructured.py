@@ -161,10 +161,7 @@ def edit_longform(params: Params, cfg: ModelConfig, edits: Sequence[EncodedEdit]
             targets=jnp.asarray(targets), preserve=preservation, hparams=config.unke,
             request_ids=ids)
         return params, failures, diagnostics
-    solver = (downstream.in_solve_dtype(downstream.memit(config.memit), config.memit.dtype)
-              if config.solver == "memit" else
-              downstream.in_solve_dtype(downstream.alphaedit(config.alphaedit),
-                                        config.alphaedit.dtype))
+    solver = registry.structured_solver_factory(config.solver)(config)
     readout = closed_form_readout(cfg, sites, config.layers[-1],
                                   config.in_context_preservation and not config.one_for_all)
     states = downstream.init_states(solver, config.layers, cfg.d_ff, cfg.d_model)
