@@ -227,7 +227,7 @@ def test_parquet_without_pyarrow_says_install(tmp_path):
         pytest.skip("pyarrow is installed")
     path = tmp_path / "texts.parquet"
     path.write_bytes(b"PAR1")
-    with pytest.raises(stats.TextSourceError, match="pip install pyarrow"):
+    with pytest.raises(stats.TextSourceError, match=r"pip install -e '\.\[parquet\]'"):
         list(stats.read_texts(path))
 
 

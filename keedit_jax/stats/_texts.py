@@ -60,7 +60,7 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
         import pyarrow.parquet as pq  # noqa: PLC0415 (optional dependency)
     except ImportError:
         raise TextSourceError(
-            f"reading {path} needs pyarrow, which is not installed: pip install pyarrow "
+            f"reading {path} needs pyarrow, which is not installed: pip install -e '.[parquet]' "
             "(or convert the file to .jsonl with a 'text' field)") from None
     file = pq.ParquetFile(path)
     if text_field not in file.schema_arrow.names:
