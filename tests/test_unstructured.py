@@ -233,3 +233,43 @@ def test_a_damaged_affinity_cache_row_is_recomputed_not_used(tmp_path):
     np.testing.assert_array_equal(cached_row(tmp_path / "good.npy", 3), good)
     for name in ("absent", "empty", "truncated", "nan", "shape"):
         assert cached_row(tmp_path / f"{name}.npy", 3) is None, name
+
+
+def test_pre_edit_answers_are_cached_per_model_and_a_corrupt_file_is_regenerated(
+        tok, model, tmp_path, monkeypatch, caplog):
+    from keedit_jax.methods import run_unstructured as runner
+
+    monkeypatch.setenv("KEEDIT_CACHE", str(tmp_path / "cache"))
+    checkpoint = tmp_path / "model"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    calls = []
+
+    def generate(params, cfg, tokenizer, asked, max_new_tokens, temperature, key):
+        calls.append(len(asked))
+        return [f"{max_new_tokens} tokens for {q.prompt}" for q in asked]
+
+    monkeypatch.setattr(runner, "generate_answers", generate)
+    asked = [runner.Query(0, "Ori.", "Where is it?", "Paris."),
+             runner.Query(0, "Para.", "Where?", "Paris.")]
+
+    def answers(**changes):
+        settings = {"asked": asked, "max_new_tokens": 8, "temperature": 0.0, "seed": 0}
+        settings.update(changes)
+        return runner.pre_edit_answers(model.params, model.config, tok, checkpoint, **settings)
+
+    first = answers()
+    assert first == ["8 tokens for Where is it?", "8 tokens for Where?"] and calls == [2]
+    assert answers() == first and calls == [2]  # read back, not generated
+    answers(max_new_tokens=9)
+    answers(asked=asked[:1])
+    assert calls == [2, 2, 1]  # other settings or prompts are other entries
+    (cached,) = [p for p in (tmp_path / "cache" / "answers").iterdir()
+                 if json.loads(p.read_text()) == first]
+    cached.write_text('["only one"')
+    with caplog.at_level("WARNING"):
+        assert answers() == first
+    assert calls == [2, 2, 1, 2] and "regenerating the pre-edit answers" in caplog.text
+    (checkpoint / "config.json").write_text('{"changed": 1}')  # another model fingerprint
+    answers()
+    assert calls == [2, 2, 1, 2, 2]

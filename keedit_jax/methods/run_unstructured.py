@@ -286,6 +286,37 @@ def generate_answers(params: Params, cfg: Any, tokenizer: Any, asked: Sequence[Q
     return [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
 
 
+def pre_edit_answers(params: Params, cfg: Any, tokenizer: Any, checkpoint: Path,
+                     asked: Sequence[Query], max_new_tokens: int, temperature: float,
+                     seed: int) -> list[str]:
+    """The unedited model's answers, cached by model, dtype, prompts and generation settings:
+    every method run on the same records asks the same questions, and on a real model the
+    answers are a quarter hour of each run. A cache file that does not read back as the
+    expected answers is regenerated (with a warning), never trusted."""
+    dtype = str(jax.tree.leaves(params)[0].dtype)
+    parts = [model_fingerprint(checkpoint), dtype, [q.prompt for q in asked], max_new_tokens,
+             temperature, seed]
+    digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+    path = cache_root() / "answers" / f"{digest}.json"
+    if path.exists():
+        try:
+            answers = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            answers = error
+        if (isinstance(answers, list) and len(answers) == len(asked)
+                and all(isinstance(a, str) for a in answers)):
+            logging.info("pre-edit answers read from %s", path)
+            return answers
+        logging.warning("regenerating the pre-edit answers: %s does not hold %d answers (%s)",
+                        path, len(asked), answers if isinstance(answers, Exception) else
+                        type(answers).__name__)
+    answers = generate_answers(params, cfg, tokenizer, asked, max_new_tokens, temperature,
+                               jax.random.key(seed))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(answers))
+    return answers
+
+
 # ---------------------------------------------------------------- scoring and report
 
 
@@ -443,8 +474,8 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
     encoded = {index[x.case_id] for x in edits}
     asked = answerable(tokenizer, cfg, [q for q in queries(records) if q.record in encoded])
     logging.info("pre-edit answers")
-    pre_answers = generate_answers(params, cfg, tokenizer, asked, run.max_new_tokens,
-                                   flags.temperature, key)
+    pre_answers = pre_edit_answers(params, cfg, tokenizer, checkpoint, asked,
+                                   run.max_new_tokens, flags.temperature, run.seed)
     sheets = FactSheets.for_dataset(dataset, records)
     pre = score(asked, pre_answers, embed, sheets)
     post, seconds, current, edited_ids = [], [], params, set()
