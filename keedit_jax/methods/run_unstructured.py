@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from keedit_jax import downstream, parallel, registry
+from keedit_jax import downstream, parallel, registry, stats
 from keedit_jax.api import PreparedLongForm
 from keedit_jax.data import (
     AlpacaRecord,
@@ -223,6 +223,11 @@ def preservation_contexts(tokenizer: Any, pool: Sequence[AlpacaRecord], n: int,
 
 
 def alpaca_pool(checkpoint: Path, flags: LongFormFlags) -> list[AlpacaRecord]:
+    """UnKE's preservation samples: an Alpaca file, a named corpus's instruction pairs, or the
+    organism's own."""
+    if flags.alpaca in stats.SOURCE_NAMES:
+        return [AlpacaRecord(instruction=instruction, input="", output=output)
+                for instruction, output in stats.vital_instructions()]
     if flags.alpaca:
         return list(read_alpaca(flags.alpaca))
     if not (checkpoint / "world.json").exists():

