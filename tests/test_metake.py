@@ -123,3 +123,24 @@ def test_exact_feedback_descends_the_exact_objective(setup):
                                     config)
     assert len(info["objective"]) == 3 and info["objective"][-1] < info["objective"][0]
     assert float(jnp.abs(v - v0).max()) > 1e-5
+
+
+@pytest.mark.parametrize("feedback", ["proxy", "stop_grad"])
+def test_the_target_move_is_reported_per_request_as_a_share_of_delta(setup, feedback):
+    """‖V − V⁽⁰⁾‖ / ‖V⁽⁰⁾ − H‖ by hand; 0 where stop-grad leaves V at V⁽⁰⁾; in each request's
+    diagnostics row and the batch summary."""
+    from keedit_jax.methods.run_structured import diagnostics_summary
+
+    config = metake.MetaKEConfig(steps=3, meta_lr=0.05, feedback=feedback)
+    params, cfg, _, stats, states = setup
+    v0, look, readout, sites, _ = lookahead_inputs(setup)
+    v, info = metake.refine_targets(v0, params, cfg, look, readout, stats, states, LAYERS, HP,
+                                    config)
+    by_hand = (np.linalg.norm(np.asarray(v - v0), axis=-1)
+               / np.linalg.norm(np.asarray(v0 - sites.outputs), axis=-1))
+    np.testing.assert_allclose(info["moved"], by_hand, rtol=1e-5, atol=1e-7)
+    assert (max(info["moved"]) == 0) == (feedback == "stop_grad")
+    _, _, diag = edit(setup, config)
+    rows = diag["requests"]
+    assert [r["target_moved"] for r in rows] == diag["refined"]["moved"]
+    assert diagnostics_summary(rows)["target_moved"] == pytest.approx(np.mean(by_hand), 1e-4)

@@ -193,19 +193,29 @@ def refine_targets(v0: Array, params: Params, cfg: ModelConfig, look: Lookahead,
                    readout: Readout, stats: Mapping[int, Array], states: Mapping[int, Any],
                    layers: Sequence[int], hparams: downstream.AlphaEditHParams,
                    config: MetaKEConfig) -> tuple[Array, dict[str, Any]]:
-    """V* after T steps of gradient descent on F_VL (proxy, stop_grad) or on F (exact)."""
+    """V* after T steps of gradient descent on F_VL (proxy, stop_grad) or on F (exact), and
+    what they did: the objective per step and each target's move (`target_move`)."""
     if config.steps == 0:
         return v0, {"objective": []}
     last = layers[-1]
+    sites = readout(params, last)
     if config.feedback == "exact":
         v, values = descend_exact(v0, params, cfg, look, readout, dict(stats), dict(states),
                                   tuple(layers), hparams, config.meta_lr, config.steps)
-        return v, {"objective": [float(x) for x in values]}
-    sites = readout(params, last)
-    gate = structural_gate(stats[last], sites.keys, states[last], hparams, config.gate)
-    v, values = descend_lookahead(v0, sites.outputs, gate, params, cfg, look, config.meta_lr,
-                                  config.steps, stop_grad=config.feedback == "stop_grad")
-    return v, {"objective": [float(x) for x in values]}
+    else:
+        gate = structural_gate(stats[last], sites.keys, states[last], hparams, config.gate)
+        v, values = descend_lookahead(v0, sites.outputs, gate, params, cfg, look,
+                                      config.meta_lr, config.steps,
+                                      stop_grad=config.feedback == "stop_grad")
+    return v, {"objective": [float(x) for x in values],
+               "moved": target_move(v, v0, sites.outputs)}
+
+
+def target_move(v: Array, v0: Array, outputs: Array) -> list[float]:
+    """‖V − V⁽⁰⁾‖ / ‖V⁽⁰⁾ − H‖ per request: how far the refinement moved each target, as a
+    share of its Stage-I shift δ (near 0, MetaKE inserts what AlphaEdit would)."""
+    shift = jnp.maximum(jnp.linalg.norm(v0 - outputs, axis=-1), 1e-12)
+    return [float(x) for x in jnp.linalg.norm(v - v0, axis=-1) / shift]
 
 
 Refine = Callable[[Params, Array, ShiftBatch, Readout, Mapping[int, Any]],

@@ -337,6 +337,8 @@ def diagnostics_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     out["early_stopped"] = float(np.mean([r["early_stop"] for r in rows]))
     out["at_clamp"] = float(np.mean([r["delta_norm"] >= 0.999 * r["clamp_radius"]
                                      for r in rows]))
+    if all("target_moved" in r for r in rows):
+        out["target_moved"] = float(np.mean([r["target_moved"] for r in rows]))
     return out
 
 
@@ -351,6 +353,9 @@ def log_batch(number: int, total: int, rows: Sequence[Mapping[str, Any]],
                  round(s["early_stopped"] * len(rows)), len(rows),
                  round(s["at_clamp"] * len(rows)), len(rows), s["target_prob_edited"],
                  s["realised"])
+    if "target_moved" in s:
+        logging.info("batch %d/%d: MetaKE moved the targets by %.3f of |δ| (mean)", number,
+                     total, s["target_moved"])
     for r in rows:
         logging.debug("request %s: loss %.3f -> %.3f (step %d), target prob %.3f -> %.3f -> "
                       "%.3f edited, |δ| %.2f of clamp %.2f, realised %.2f", r["case_id"],

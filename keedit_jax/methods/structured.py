@@ -190,8 +190,10 @@ def edit_requests(params: Params, cfg: ModelConfig, tokenizer: Any,
     params, states, reports = downstream.edit_layers(
         params, down_proj_path(cfg), solver or config.make_solver(), stats, states,
         targets, readout, layers=config.layers, request_ids=[r.case_id for r in requests])
-    diagnostics = {"requests": edit_diagnostics(params, cfg, encoded, readout, result,
-                                                targets, config),
+    rows = edit_diagnostics(params, cfg, encoded, readout, result, targets, config)
+    for row, moved in zip(rows, refined.get("moved", ()), strict=False):
+        row["target_moved"] = moved  # MetaKE: ‖V − V⁽⁰⁾‖ / ‖δ‖
+    diagnostics = {"requests": rows,
                    "relative_residual": {layer: float(r.solve.rel_residual)
                                          for layer, r in reports.items()},
                    "fitted": {layer: (r.keys, r.values) for layer, r in reports.items()},
