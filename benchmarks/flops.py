@@ -33,3 +33,20 @@ def backward_inputs(cfg: ModelConfig, *, tokens: int, key_len: int, layers: int,
     attention = 8 * key_len * cfg.n_heads * cfg.head_dim
     per_layer = tokens * (2 * layer_matmul_params(cfg) + attention)
     return float(layers * per_layer + logit_tokens * 2 * cfg.d_model * cfg.vocab_size)
+
+
+def stats_batch(cfg: ModelConfig, *, rows: int, length: int, stop: int, layers: int) -> float:
+    """One statistics step as computed: the forward through layers [0, stop) over every padded
+    slot (full T×S attention, masked slots included) and a 2F² Gram per slot and edited layer."""
+    tokens = rows * length
+    return forward(cfg, tokens=tokens, key_len=length, layers=stop, logit_tokens=0) \
+        + tokens * layers * 2.0 * cfg.d_ff**2
+
+
+def stats_useful(cfg: ModelConfig, doc_lengths: list[int], *, stop: int, layers: int) -> float:
+    """The same work over real tokens only: a document of n tokens multiplies n tokens through
+    the weights and the Grams, and its causal attention reads n(n+1)/2 keys."""
+    tokens = sum(doc_lengths)
+    keys = sum(n * (n + 1) // 2 for n in doc_lengths)
+    return float(tokens * (stop * 2 * layer_matmul_params(cfg) + layers * 2.0 * cfg.d_ff**2)
+                 + stop * 4 * keys * cfg.n_heads * cfg.head_dim)

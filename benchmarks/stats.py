@@ -11,8 +11,10 @@ Run: python -m benchmarks.stats --preset default --out benchmarks/results/stats_
 With --model (a local checkpoint directory) it instead times the statistics pass as a run
 makes it, on the real text of --stats_source (default wikipedia-vital), for the first
 --tokens tokens: tokens/s, padded-token fill, and the XLA compilations per length bucket
-counted by jax.monitoring (each bucket must compile once):
+counted by jax.monitoring (each bucket must compile once), and the pass's FLOP/s (analytic,
+benchmarks/flops.py) against a jitted matmul timed between its batches in the same process:
 
+    XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' taskset -c 1 \
     python -m benchmarks.stats --model DIR --tokens 50000 --out benchmarks/results/real_stats
 """
 
@@ -28,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, flops
 from benchmarks.common import Json, log
 from keedit_jax.models import config_from_hf, init_params, load_model
 from keedit_jax.models.tokenizer import load_tokenizer
@@ -137,14 +140,19 @@ def first_tokens(texts: Iterable[str], tokenizer: Any, max_length: int,
 
 
 def real_pass(model: Path, source: str, n_tokens: int, layers: tuple[int, ...],
-              config: StatsConfig) -> Json:
-    """One statistics pass on a real checkpoint, with per-bucket compilations and timings."""
+              config: StatsConfig, probe_seconds: float) -> Json:
+    """One statistics pass on a real checkpoint, with per-bucket compilations and timings, and
+    a matmul probe timed before every batch (the device idle), so that the pass and the peak
+    see the same load; the probe's seconds are taken out of the pass's wall time."""
     lm = load_model(model)
-    tokenizer = load_tokenizer(model, lm.config)
+    tokenizer = load_tokenizer(lm.path, lm.config)
     text = resolve_source(source, cache_root() / "stats")
     max_length = config.resolved_max_length(lm.config)
     docs = first_tokens(read_texts(text), tokenizer, max_length, n_tokens)
+    probe = common.matmul_probe((512, 1024, 2048), jnp.float32, min_seconds=probe_seconds)
     shapes: list[tuple[int, int]] = []
+    probe_s: list[float] = []
+    resumed: list[float] = []  # when the pass asked for each batch, the probe done
     compiles: collections.Counter = collections.Counter()
 
     def listen(event: str, duration: float, fun_name: str = "", **_: Any) -> None:
@@ -153,6 +161,8 @@ def real_pass(model: Path, source: str, n_tokens: int, layers: tuple[int, ...],
 
     def tracked(batches: Iterable[TokenBatch]) -> Iterator[TokenBatch]:
         for batch in batches:
+            probe_s.append(common.timed(probe.call))
+            resumed.append(time.perf_counter())
             shapes.append(batch.tokens_bt.shape)
             yield batch
 
@@ -165,7 +175,8 @@ def real_pass(model: Path, source: str, n_tokens: int, layers: tuple[int, ...],
             began = time.perf_counter()
             second_moments(lm.params, lm.config, tracked(batches), layers, config=config,
                            log=log)
-            wall = time.perf_counter() - began
+            ended = time.perf_counter()
+            wall = ended - began - sum(probe_s)
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     real = sum(len(d) for d in docs)
@@ -176,24 +187,71 @@ def real_pass(model: Path, source: str, n_tokens: int, layers: tuple[int, ...],
     return {"model": str(model), "source": source, "text_file": str(text),
             "layers": list(layers), "documents": len(docs), "tokens": real,
             "padded_tokens": padded, "fill": real / padded, "batches": len(shapes),
-            "buckets": buckets, "max_compiles_per_bucket": max(compiles.values(), default=0),
+            "buckets": buckets, "batch_s": batch_seconds(resumed, probe_s[1:], ended),
+            "max_compiles_per_bucket": max(compiles.values(), default=0),
             "wall_s": wall, "tokens_per_s": real / wall, "compile_s": compiled.seconds,
             "programs_compiled": compiled.programs, "compile_share": compiled.seconds / wall,
             "tokens_per_s_without_compile": real / (wall - compiled.seconds),
+            "compute": pass_flops(lm.config, layers, shapes, [len(d) for d in docs],
+                                  wall, compiled.seconds, probe, probe_s),
             "config": dataclasses.asdict(config), "machine": common.machine(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "load_average_before": load_before, "load_average_after": os.getloadavg()}
+
+
+def batch_seconds(resumed: Sequence[float], probe_s: Sequence[float],
+                  ended: float) -> list[float]:
+    """Seconds from asking for each batch to asking for the next (its step, first calls
+    compiling), the next batch's probe taken out."""
+    return [after - before - probe for before, after, probe
+            in zip(resumed, [*resumed[1:], ended], [*probe_s, 0.0], strict=True)]
+
+
+def pass_flops(cfg: Any, layers: tuple[int, ...], shapes: Sequence[tuple[int, int]],
+               doc_lengths: list[int], wall_s: float, compile_s: float, probe: common.Probe,
+               probe_s: Sequence[float]) -> Json:
+    """FLOP/s of the pass, as computed (padded slots) and as useful (real tokens, causal
+    keys), with and without compile time, against the interleaved probe.
+
+    The peak is the probe's total work over its total seconds: like the pass's own rate, a
+    time average over the same minutes, which a burst of load elsewhere slows alike. The
+    median call (reported beside it) skips those bursts, which the pass cannot."""
+    stop, n = max(layers) + 1, len(layers)
+    padded = sum(flops.stats_batch(cfg, rows=rows, length=length, stop=stop, layers=n)
+                 for rows, length in shapes)
+    useful = flops.stats_useful(cfg, doc_lengths, stop=stop, layers=n)
+    peak = probe.work * len(probe_s) / sum(probe_s)
+    compute_s = wall_s - compile_s
+    rates = {"padded_flop_per_s": padded / compute_s, "useful_flop_per_s": useful / compute_s,
+             "padded_flop_per_s_with_compile": padded / wall_s,
+             "useful_flop_per_s_with_compile": useful / wall_s}
+    return {"padded_flops": padded, "useful_flops": useful, "peak_flop_per_s": peak,
+            "median_probe_flop_per_s": probe.work / float(np.median(probe_s)),
+            "probe": {**probe.detail, "inner": probe.inner, "seconds": list(probe_s)},
+            **rates, **{name.replace("flop_per_s", "of_peak"): rate / peak
+                        for name, rate in rates.items()},
+            "padded_of_median_probe": rates["padded_flop_per_s"] * float(np.median(probe_s))
+            / probe.work}
 
 
 def real_report(results: Json) -> str:
     rows = [[name, str(b["batches"]), str(b["compiles"])]
             for name, b in results["buckets"].items()]
     table = common.markdown_table(["bucket (rows x length)", "batches", "compiles"], rows)
+    c = results["compute"]
     return (f"{results['tokens']:,} tokens ({results['documents']} documents, fill "
             f"{results['fill']:.0%}) in {results['wall_s']:.1f} s: "
             f"{results['tokens_per_s']:,.0f} tokens/s; compiling {results['compile_s']:.1f} s "
             f"({results['compile_share']:.0%}), {results['tokens_per_s_without_compile']:,.0f} "
             f"tokens/s without it; load average {results['load_average_before'][0]:.1f} "
-            f"before, {results['load_average_after'][0]:.1f} after\n\n{table}\n")
+            f"before, {results['load_average_after'][0]:.1f} after\n\n"
+            f"computed (padded) {c['padded_flop_per_s'] / 1e9:.1f} GFLOP/s = "
+            f"{c['padded_of_peak']:.0%} of the matmul peak ({c['peak_flop_per_s'] / 1e9:.1f} "
+            f"GFLOP/s, timed between batches; {c['padded_of_median_probe']:.0%} of its median "
+            f"call); useful (real tokens) "
+            f"{c['useful_flop_per_s'] / 1e9:.1f} GFLOP/s = {c['useful_of_peak']:.0%}; with "
+            f"compile time {c['padded_of_peak_with_compile']:.0%} and "
+            f"{c['useful_of_peak_with_compile']:.0%}\n\n{table}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> Json:
@@ -204,12 +262,17 @@ def main(argv: Sequence[str] | None = None) -> Json:
     parser.add_argument("--stats_source", default=DEFAULT_SOURCE)
     parser.add_argument("--tokens", type=int, default=50_000)
     parser.add_argument("--layers", default="4,5,6,7,8")
+    parser.add_argument("--max_length", type=int, help="tokens kept per document (--model)")
+    parser.add_argument("--probe_seconds", type=float, default=1.0,
+                        help="seconds of each matmul probe between batches (--model)")
+    parser.add_argument("--tag", default="", help="suffix of the --model results file")
     args = parser.parse_args(argv)
     if args.model:
         layers = tuple(int(part) for part in args.layers.split(","))
         results = real_pass(args.model, args.stats_source, args.tokens, layers,
-                            StatsConfig(log_every_s=30.0))
-        name = f"{args.model.name}_{args.tokens}"
+                            StatsConfig(log_every_s=30.0, max_length=args.max_length),
+                            args.probe_seconds)
+        name = "_".join(filter(None, (args.model.name, str(args.tokens), args.tag)))
         common.write_json(args.out / f"{name}.json", results)
         print(real_report(results))
         return results

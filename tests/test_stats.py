@@ -92,6 +92,30 @@ def test_sums_equal_brute_force_numpy(model, sequences):
                                        err_msg=f"layer {index} {name}")
 
 
+def test_batch_sums_on_rows_equal_the_padded_batch_in_float64(model, sequences):
+    """The Grams run on [B·T, F] rows: against float64 numpy over the [B, T, F] keys of the
+    same padded forward, padding dropped by the mask, every sum agrees to float32 rounding."""
+    params, cfg = model
+    batch = batches(sequences)[-1]  # bucket 24: left padding in every row but the longest
+    layers = (1, 3)
+    assert (batch.mask_bt == 0).any()
+    sums = jax.jit(stats.batch_sums, static_argnums=(1, 4, 5))(
+        params, cfg, batch.tokens_bt, batch.mask_bt, layers, True)
+    _, caps = jax.jit(intervene.run, static_argnames=("cfg", "taps", "stop"))(
+        params, cfg=cfg, tokens=batch.tokens_bt, attention_mask=batch.mask_bt, stop=4,
+        taps=intervene.Taps(mlp_key=layers))
+    kernels = np.asarray(get_path(params, down_proj_path(cfg)), np.float64)
+    for index in layers:
+        k = np.asarray(caps.mlp_key[index], np.float64) * batch.mask_bt[..., None]
+        v = k @ kernels[index]
+        want = {"ff": np.einsum("btf,btg->fg", k, k), "df": np.einsum("btd,btf->df", v, k),
+                "dd": np.einsum("btd,bte->de", v, v)}
+        for name, value in want.items():
+            np.testing.assert_allclose(np.asarray(sums[index][name]), value, rtol=1e-5,
+                                       atol=1e-6 * np.abs(value).max(),
+                                       err_msg=f"layer {index} {name}")
+
+
 def test_one_pass_equals_per_layer_passes(model, sequences):
     params, cfg = model
     short = sequences[:SHORT]

@@ -97,20 +97,34 @@ def batch_sums(params: Params, cfg: ModelConfig, tokens_bt: Array, mask_bt: Arra
     """Σ k kᵀ (and Σ v kᵀ, Σ v vᵀ) over the real tokens of one batch, for every layer."""
     _, captures = run(params, cfg, tokens=tokens_bt, attention_mask=mask_bt,
                       stop=max(layers) + 1, taps=Taps(mlp_key=layers))
-    real_bt1 = mask_bt.astype(bool)[..., None]
+    real_n1 = mask_bt.reshape(-1, 1).astype(bool)
     kernels = get_path(params, down_proj_path(cfg))  # [L, F, D]
-    gram = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST,
-                             preferred_element_type=jnp.float32)
     sums: Sums = {}
     for index in layers:
         # where, not a product: a padding position's key must not leak in, even if non-finite.
-        keys_btf = jnp.where(real_bt1, captures.mlp_key[index], 0).astype(jnp.float32)
-        sums[index] = {"ff": gram("btf,btg->fg", keys_btf, keys_btf)}
+        keys_nf = jnp.where(real_n1, _rows(captures.mlp_key[index]), 0).astype(jnp.float32)
+        sums[index] = {"ff": _gram(keys_nf, keys_nf)}
         if with_values:
-            values_btd = gram("btf,fd->btd", keys_btf, kernels[index].astype(jnp.float32))
-            sums[index]["df"] = gram("btd,btf->df", values_btd, keys_btf)
-            sums[index]["dd"] = gram("btd,bte->de", values_btd, values_btd)
+            values_nd = jnp.matmul(keys_nf, kernels[index].astype(jnp.float32),
+                                   precision=jax.lax.Precision.HIGHEST,
+                                   preferred_element_type=jnp.float32)
+            sums[index]["df"] = _gram(values_nd, keys_nf)
+            sums[index]["dd"] = _gram(values_nd, values_nd)
     return sums
+
+
+def _rows(x_btf: Array) -> Array:
+    """[B, T, F] -> [B·T, F]: the Gram is then one plain matmul. Contracting two axes
+    ("btf,btg->fg") made XLA:CPU run it at 70% of its matmul peak, against 87-95% on rows."""
+    return x_btf.reshape(-1, x_btf.shape[-1])
+
+
+def _gram(a_nx: Array, b_ny: Array) -> Array:
+    """aᵀb [X, Y] over the rows, float32 at the highest precision (on TPU the default would
+    round the keys to bf16)."""
+    return jax.lax.dot_general(a_nx, b_ny, (((0,), (0,)), ((), ())),
+                               precision=jax.lax.Precision.HIGHEST,
+                               preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layers", "with_values"),
