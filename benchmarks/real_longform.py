@@ -1,10 +1,12 @@
-"""μKE and AnyEdit on SmolLM2-135M-Instruct and the real UnKEBench file: the papers' metrics
-pre and post, each method's gain per record and μKE − AnyEdit per record, with standard errors.
+"""The long-form methods on SmolLM2-135M-Instruct and the real UnKEBench file: the papers'
+metrics pre and post, each method's gain per record, and the papers' comparisons (μKE −
+AnyEdit, μKE* − AnyEdit*) per record, with standard errors.
 
-The runs are the command line itself (`configs/real/{muke,anyedit}_unkebench.cfg`, the same
-records); this reads their results.json files.
+The runs are the command line itself (`configs/real/<method>_unkebench.cfg`, the same 30
+records); this reads their results.json, or a stopped run's partial.json (its finished
+records, marked as such).
 
-Run:      python -m benchmarks.real_longform            (about 3 hours on 2 cores: 30 records each)
+Run:      python -m benchmarks.real_longform            (hours on 2 cores: 30 records each)
 Summary:  python -m benchmarks.real_longform --summary_only
 """
 
@@ -16,11 +18,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.longform import paired_difference, per_record
 from keedit_jax.results import markdown_table
 
 OUT = Path("benchmarks/results/real_smollm2")
-RUNS = {"μKE": "muke_unkebench", "AnyEdit": "anyedit_unkebench"}
+RUNS = {"μKE": "muke_unkebench", "AnyEdit": "anyedit_unkebench",
+        "MEMIT": "memit_unkebench", "AlphaEdit": "alphaedit_unkebench",
+        "UnKE": "unke_unkebench", "AnyEdit*": "anyedit_star_unkebench",
+        "μKE*": "muke_star_unkebench"}
+COMPARISONS = (("μKE", "AnyEdit"), ("μKE*", "AnyEdit*"), ("μKE", "MEMIT"))
 METRICS = ("bleu_char", "bert_score", "rougeL_recall")
 GROUPS = ("Ori.", "Para.", "Sub")
 
@@ -31,6 +39,31 @@ def run(name: str) -> None:
         subprocess.run([sys.executable, "-m", "keedit_jax.main",
                         f"--flagfile=configs/real/{RUNS[name]}.cfg", f"--output_dir={out}"],
                        check=True)
+
+
+def load(name: str) -> dict | None:
+    """A run's results.json, else its partial.json (status "partial"), else None."""
+    directory = OUT / RUNS[name]
+    for file, status in (("results.json", "complete"), ("partial.json", "partial")):
+        if (directory / file).exists():
+            return {**json.loads((directory / file).read_text()), "status": status}
+    return None
+
+
+def method_row(label: str, results: dict, stage: str) -> dict[str, object]:
+    """The mean over records of each group's metric (Sub within a record first), as the
+    protocol's table, from the per-record answers."""
+    row: dict[str, object] = {"method": label}
+    for group in GROUPS:
+        for metric in METRICS:
+            values = per_record(results, group, metric, stage)
+            if values:
+                row[f"{group} {metric}"] = 100 * float(np.mean(list(values.values())))
+    row["records"] = len(per_record(results, "Ori.", METRICS[0], stage))
+    seconds = results["seconds_per_batch"] if stage == "post" else None
+    row["s/edit"] = seconds and float(np.mean(seconds[1:] or seconds))
+    row["status"] = results["status"] if stage == "post" else ""
+    return row
 
 
 def paired_row(a: dict[int, float], b: dict[int, float], label: str, group: str,
@@ -46,28 +79,19 @@ def main() -> None:
     if not args.summary_only:
         for name in RUNS:
             run(name)
-    results = {name: json.loads((OUT / run / "results.json").read_text())
-               for name, run in RUNS.items()}
-    table, pairs = [], []
-    for i, (name, r) in enumerate(results.items()):
-        stages = (("pre", "pre-edit"), ("post", name)) if i == 0 else (("post", name),)
-        for stage, label in stages:
-            row: dict[str, object] = {"method": label}
-            for group in GROUPS:
-                for metric in METRICS:
-                    value = r[stage].get(group, {}).get(metric)
-                    if value is not None:
-                        row[f"{group} {metric}"] = 100 * value
-            row["s/edit"] = r["seconds_per_edit_steady"] if stage == "post" else None
-            table.append(row)
+    results = {name: r for name in RUNS if (r := load(name)) is not None}
+    complete = next(r for r in results.values() if r["status"] == "complete")
+    table = [method_row("pre-edit", complete, "pre")]
+    table += [method_row(name, r, "post") for name, r in results.items()]
+    pairs = []
     for group in GROUPS:
         for metric in METRICS:
             post = {name: per_record(r, group, metric) for name, r in results.items()}
-            if not all(post.values()):
-                continue
             rows = [paired_row(post[name], per_record(r, group, metric, "pre"),
-                               f"{name} post − pre", group, metric) for name, r in results.items()]
-            rows.append(paired_row(post["μKE"], post["AnyEdit"], "μKE − AnyEdit", group, metric))
+                               f"{name} post − pre", group, metric)
+                    for name, r in results.items()]
+            rows += [paired_row(post[a], post[b], f"{a} − {b}", group, metric)
+                     for a, b in COMPARISONS if a in post and b in post]
             pairs += [row for row in rows if row]
     (OUT / "longform_summary.json").write_text(json.dumps({"table": table, "paired": pairs},
                                                           indent=2))
