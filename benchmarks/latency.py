@@ -11,13 +11,15 @@
   `loop.optimise_shifts`, the same steps in one compiled `while_loop`.
 - `affinity_variants`: μKE's affinity figure gradients vmap'd against one `jax.grad` per
   figure (`WindowConfig.affinity_gradients="loop"`).
+- `reference_shifts`, `reference_windows`, `reference_affinities`: the upstream steps with
+  every naive choice at once (no prefix cache, logits at every position, affinity gradients
+  in a loop, Python-stepped where the loop is MEMIT's); `benchmarks.vs_reference` swaps
+  them into the library's pipelines.
 - `endtoend` (`memit_paths`, `muke_paths`): the library's upstream step as a user runs it
-  against the naive variant with every naive choice at once (no prefix cache, logits at every
-  position, affinity gradients in a loop, Python-stepped where the loop is MEMIT's), and the
-  largest δ difference between the two. Each optimisation alone is bounded (the headline's
-  other rows); the issue's ≥ 3× goal is about them together.
+  against those, and the largest δ difference between the two. Each optimisation alone is
+  bounded (the headline's other rows); the issue's ≥ 3× goal is about them together.
 
-Called by `benchmarks.run`; not a command of its own.
+Called by `benchmarks.run` and `benchmarks.vs_reference`; not a command of its own.
 """
 
 from __future__ import annotations
@@ -57,7 +59,14 @@ from keedit_jax.methods.unstructured import edit_longform
 from keedit_jax.upstream import context_templates, encode_requests, optimise_shifts
 from keedit_jax.upstream.encode import read_every_position
 from keedit_jax.upstream.longform import WindowBatch, encode_edits, pack_windows
-from keedit_jax.upstream.loop import _Carry, _step, prepare
+from keedit_jax.upstream.loop import (
+    LossTerms,
+    ShiftResult,
+    _Carry,
+    _step,
+    is_finite,
+    prepare,
+)
 from keedit_jax.upstream.windowed import compute_affinities, optimise_windows
 
 STRUCTURED = ("memit", "alphaedit", "memit_seq", "alphaedit_aligned", "memorize_latest",
@@ -180,28 +189,36 @@ def _jit_prepare(params: Any, cfg: Any, batch: Any, hp: Any) -> Any:
 
 @partial(jax.jit, static_argnames=("cfg", "hp"))
 def _jit_step(params: Any, cfg: Any, batch: Any, hp: Any, problem: Any, carry: _Carry,
-              step: jax.Array) -> _Carry:
+              step: jax.Array) -> tuple[_Carry, tuple[LossTerms, jax.Array]]:
     trainable = jnp.ones(problem.h.shape[:2], bool)
-    return _step(params, cfg, batch, hp, problem, False, trainable, carry, step)[0]
+    return _step(params, cfg, batch, hp, problem, False, trainable, carry, step)
 
 
 def stepped_shifts(params: Any, cfg: Any, batch: Any, hp: Any,
-                   prefix_cache: bool = True) -> jax.Array:
+                   prefix_cache: bool = True) -> ShiftResult:
     """The reference's loop: one jitted step per Python iteration, the early stop read on the
     host after each step (torch's `loss.item()`), the same Adam steps as `optimise_shifts`.
     prefix_cache=False drops the cached prefix after `prepare`, so every step runs every layer
-    from the tokens (`loop.shifted_log_probs`), as the reference does. Returns δ [E, P, D]."""
+    from the tokens (`loop.shifted_log_probs`), as the reference does. Returns the
+    `ShiftResult` a pipeline reads (its trace ends at the step that stopped, where the
+    compiled loop's repeats that step to v_num_grad_steps)."""
     problem = _jit_prepare(params, cfg, batch, hp)
     if not prefix_cache:
         problem = problem._replace(prefix=None)
     delta = jnp.zeros(problem.h.shape, jnp.float32)
     carry = _Carry(delta, optax.adam(hp.v_lr).init(delta), jnp.zeros(delta.shape[0], bool),
                    jnp.zeros(delta.shape[0], jnp.int32))
+    terms, norms = [], []
     for step in range(hp.v_num_grad_steps):
-        carry = _jit_step(params, cfg, batch, hp, problem, carry, jnp.asarray(step))
+        carry, (term, norm) = _jit_step(params, cfg, batch, hp, problem, carry,
+                                        jnp.asarray(step))
+        terms.append(term)
+        norms.append(norm)
         if bool(jnp.all(carry.stopped)):
             break
-    return carry.delta
+    trace = LossTerms(*(jnp.stack(field, axis=1) for field in zip(*terms, strict=True)))
+    return ShiftResult(carry.delta, problem.h, problem.h + carry.delta, trace,
+                       jnp.stack(norms, axis=1), carry.updates, is_finite(trace, carry.delta))
 
 
 def delta_agreement(optimised: jax.Array, naive: jax.Array) -> dict[str, float]:
@@ -231,9 +248,9 @@ def loop_variants(model: str, sizes: Sequence[int]) -> tuple[dict[str, Callable[
     for size, batch in batches.items():
         compiled = partial(optimise_shifts, run.params, run.cfg, batch, target)
         stepped = partial(stepped_shifts, run.params, run.cfg, batch, target)
-        diffs[f"@{size}"] = float(jnp.max(jnp.abs(compiled().delta - stepped())))
+        diffs[f"@{size}"] = float(jnp.max(jnp.abs(compiled().delta - stepped().delta)))
         calls[f"loop compiled @{size}"] = lambda c=compiled: c().delta
-        calls[f"loop python-stepped @{size}"] = stepped
+        calls[f"loop python-stepped @{size}"] = lambda s=stepped: s().delta
     return calls, diffs
 
 
@@ -271,38 +288,61 @@ def affinity_variants(model: str, n_edits: int) -> dict[str, Callable[[], Any]]:
 Paths = tuple[dict[str, Callable[[], Any]], dict[str, dict[str, float]]]
 
 
+def reference_shifts(params: Any, cfg: Any, batch: Any, hp: Any) -> ShiftResult:
+    """MEMIT's target step the reference's way: Python-stepped, every layer at every step,
+    logits at every position (`stepped_shifts`)."""
+    return stepped_shifts(params, cfg, read_every_position(batch), hp, prefix_cache=False)
+
+
+def every_position(batch: WindowBatch) -> WindowBatch:
+    """The windows with logits read at every position (the reference's cost)."""
+    return dataclasses.replace(batch, shift=read_every_position(batch.shift))
+
+
+def reference_windows(params: Any, cfg: Any, batch: WindowBatch, hp: Any, wc: Any,
+                      affinity: jax.Array | None = None) -> Any:
+    """`optimise_windows` the reference's way: every layer at every step, logits at every
+    position (AnyEdit's stages too: no window-only reads). Compiled: there is no
+    Python-stepped windowed loop (`reference_shifts` has MEMIT's)."""
+    return optimise_windows(params, cfg, every_position(batch), hp, wc, affinity,
+                            prefix_cache=False, window_reads=False)
+
+
+def reference_affinities(params: Any, cfg: Any, batch: WindowBatch, hp: Any,
+                         wc: Any) -> jax.Array:
+    """μKE's up-front affinities the reference's way: one jax.grad per figure, logits at
+    every position. They still start from the cached prefix (the library has no uncached
+    affinity path), so this understates the reference's cost a little."""
+    looped = dataclasses.replace(wc, affinity_gradients="loop")
+    return compute_affinities(params, cfg, every_position(batch), hp, looped)
+
+
 def memit_paths(params: Any, cfg: Any, target: Any, batches: dict[int, Any]) -> Paths:
     """MEMIT's target step (compute_z) per batch size: `optimise_shifts` (one compiled loop,
-    prefix cache, logits at the read positions) against the reference's way (Python-stepped,
-    every layer at every step, logits at every position); and their δ agreement."""
+    prefix cache, logits at the read positions) against `reference_shifts`; and their δ
+    agreement."""
     calls, agreement = {}, {}
     for size, batch in batches.items():
         optimised = partial(optimise_shifts, params, cfg, batch, target)
-        naive = partial(stepped_shifts, params, cfg, read_every_position(batch), target,
-                        prefix_cache=False)
-        agreement[f"memit @{size}"] = delta_agreement(optimised().delta, naive())
+        naive = partial(reference_shifts, params, cfg, batch, target)
+        agreement[f"memit @{size}"] = delta_agreement(optimised().delta, naive().delta)
         calls[f"memit optimised @{size}"] = lambda c=optimised: c().delta
-        calls[f"memit naive @{size}"] = naive
+        calls[f"memit naive @{size}"] = lambda c=naive: c().delta
     return calls, agreement
 
 
 def muke_paths(params: Any, cfg: Any, target: Any, window: Any, batch: WindowBatch) -> Paths:
     """μKE's upstream for one batch: affinities (the library's default), then
     `optimise_windows` with the prefix cache and logits at the read positions, against
-    affinities one jax.grad per figure, then every layer at every step and logits at every
-    position; and their δ agreement. Both are compiled (the naive windowed loop is not
-    Python-stepped; `memit_paths` times that)."""
-    naive_batch = dataclasses.replace(batch, shift=read_every_position(batch.shift))
-    looped = dataclasses.replace(window, affinity_gradients="loop")
+    `reference_affinities` then `reference_windows`; and their δ agreement."""
+    def optimised() -> jax.Array:
+        affinity = compute_affinities(params, cfg, batch, target, window)
+        return optimise_windows(params, cfg, batch, target, window, affinity).delta
 
-    def upstream(b: WindowBatch, wc: Any, prefix_cache: bool) -> Callable[[], jax.Array]:
-        def call() -> jax.Array:
-            affinity = compute_affinities(params, cfg, b, target, wc)
-            return optimise_windows(params, cfg, b, target, wc, affinity,
-                                    prefix_cache=prefix_cache).delta
-        return call
+    def naive() -> jax.Array:
+        affinity = reference_affinities(params, cfg, batch, target, window)
+        return reference_windows(params, cfg, batch, target, window, affinity).delta
 
-    optimised, naive = upstream(batch, window, True), upstream(naive_batch, looped, False)
     size = batch.starts.shape[0]
     return ({f"muke optimised @{size}": optimised, f"muke naive @{size}": naive},
             {f"muke @{size}": delta_agreement(optimised(), naive())})
