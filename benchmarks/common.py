@@ -297,6 +297,13 @@ def write_json(path: Path, data: Json) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def write_results(out: Path, data: Json, table: str) -> None:
+    """results.json and its readable results.md under `out`, and the table on stdout."""
+    write_json(out / "results.json", data)
+    (out / "results.md").write_text(table)
+    print(table)
+
+
 def write_summary(out: Path, rows: Sequence[Json], raw: Json, **settings: Any) -> str:
     """summary.json (the machine, the run's settings, the rows and the raw timings) and
     summary.md (the settings line and the rows' table) under `out`; returns the table."""

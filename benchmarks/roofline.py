@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import flops
-from benchmarks.common import Json, markdown_table, seconds, si, write_json
+from benchmarks.common import Json, markdown_table, seconds, si, write_results
 from keedit_jax.models import ModelConfig
 from keedit_jax.models.generate import bucket
 from keedit_jax.testing import published_config
@@ -336,11 +336,7 @@ def main(argv: list[str] | None = None) -> Any:
                         default=Path("benchmarks/results/sequential_solvers_gpu/summary.json"))
     args = parser.parse_args(argv)
     data = report(Protocol(), LLAMA3_8B, args.solver_summary)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "results.json", data)
-    text = markdown(data)
-    (args.out / "results.md").write_text(text)
-    print(text)
+    write_results(args.out, data, markdown(data))
     return data
 
 

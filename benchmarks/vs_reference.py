@@ -249,10 +249,7 @@ def main(argv: Sequence[str] | None = None) -> Json:
     results = {"machine": machine, "load_average_end": common.load_average(),
                "threads": threads(), "model": options.model, "rounds": options.rounds,
                "cli_flags": list(CLI_FLAGS), "methods": rows}
-    common.write_json(options.out / "results.json", results)
-    table = report(results)
-    (options.out / "results.md").write_text(table)
-    print(table)
+    common.write_results(options.out, results, report(results))
     return results
 
 
