@@ -28,7 +28,7 @@ RUNS = {"μKE": "muke_unkebench", "AnyEdit": "anyedit_unkebench",
         "MEMIT": "memit_unkebench", "AlphaEdit": "alphaedit_unkebench",
         "UnKE": "unke_unkebench", "AnyEdit*": "anyedit_star_unkebench",
         "μKE*": "muke_star_unkebench"}
-COMPARISONS = (("μKE", "AnyEdit"), ("μKE*", "AnyEdit*"), ("μKE", "MEMIT"))
+COMPARISONS = (("μKE", "AnyEdit"), ("μKE*", "AnyEdit*"), ("μKE", "MEMIT"), ("μKE", "UnKE"))
 METRICS = ("bleu_char", "bert_score", "rougeL_recall")
 GROUPS = ("Ori.", "Para.", "Sub")
 
