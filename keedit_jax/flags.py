@@ -22,7 +22,7 @@ from keedit_jax.methods import unstructured
 from keedit_jax.methods.metake import MetaKEConfig
 from keedit_jax.models import gguf
 from keedit_jax.organism.build import ORGANISM_SIZES
-from keedit_jax.stats import SOURCE_NAMES, StatsConfig
+from keedit_jax.stats import SOURCE_NAMES, WIKIPEDIA_VITAL, StatsConfig
 from keedit_jax.upstream import ContextConfig, TargetConfig
 from keedit_jax.upstream.longform import WindowConfig
 
@@ -344,7 +344,7 @@ class LongFormFlags:
                      affinity_context=self.affinity_context,
                      affinity_steps=self.affinity_steps,
                      affinity_gradients=self.affinity_gradients)
-        if self.alpaca and self.alpaca not in SOURCE_NAMES and not Path(self.alpaca).exists():
+        if self.alpaca not in ("", WIKIPEDIA_VITAL) and not Path(self.alpaca).exists():
             raise FileNotFoundError(f"--alpaca={self.alpaca}: no such path")
         names = ENCODER_NAMES
         if self.sentence_encoder not in names and not Path(self.sentence_encoder).is_dir():

@@ -36,8 +36,8 @@ def reference(c: np.ndarray, w: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.
 
 def update(c, keys, resid, kernel=None, hparams=X64):
     return _rome.rome_update(jnp.asarray(c), jnp.asarray(keys), jnp.asarray(resid),
-                          _rome.rome_init(F, D), hparams,
-                          kernel=None if kernel is None else jnp.asarray(kernel))
+                             _rome.rome_init(F, D), hparams,
+                             kernel=None if kernel is None else jnp.asarray(kernel))
 
 
 def test_single_update_meets_its_constraint_along_c_inverse_k():

@@ -225,7 +225,7 @@ def preservation_contexts(tokenizer: Any, pool: Sequence[AlpacaRecord], n: int,
 def alpaca_pool(checkpoint: Path, flags: LongFormFlags) -> list[AlpacaRecord]:
     """UnKE's preservation samples: an Alpaca file, a named corpus's instruction pairs, or the
     organism's own."""
-    if flags.alpaca in stats.SOURCE_NAMES:
+    if flags.alpaca == stats.WIKIPEDIA_VITAL:
         return [AlpacaRecord(instruction=instruction, input="", output=output)
                 for instruction, output in stats.vital_instructions()]
     if flags.alpaca:
@@ -291,30 +291,41 @@ def generate_answers(params: Params, cfg: Any, tokenizer: Any, asked: Sequence[Q
     return [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
 
 
+def cached_answers(path: Path, n: int) -> list[str] | None:
+    """The n answers a cache file holds, or None when it is absent or holds anything else
+    (warned: it is then regenerated)."""
+    if not path.exists():
+        return None
+    try:
+        answers = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        answers = error
+    if isinstance(answers, list) and len(answers) == n and all(isinstance(a, str)
+                                                               for a in answers):
+        return answers
+    logging.warning("regenerating the pre-edit answers: %s does not hold %d answers (%s)",
+                    path, n, answers if isinstance(answers, Exception) else
+                    type(answers).__name__)
+    return None
+
+
 def pre_edit_answers(params: Params, cfg: Any, tokenizer: Any, checkpoint: Path,
                      asked: Sequence[Query], max_new_tokens: int, temperature: float,
                      seed: int) -> list[str]:
-    """The unedited model's answers, cached by model, dtype, prompts and generation settings:
-    every method run on the same records asks the same questions, and on a real model the
-    answers are a quarter hour of each run. A cache file that does not read back as the
-    expected answers is regenerated (with a warning), never trusted."""
-    dtype = str(jax.tree.leaves(params)[0].dtype)
-    parts = [model_fingerprint(checkpoint), dtype, [q.prompt for q in asked], max_new_tokens,
-             temperature, seed]
+    """The unedited model's answers, cached by weights, dtype, the encoded prompts (so the
+    tokenizer and chat template too), stop tokens and generation settings: every method run on
+    the same records asks the same questions, and on a real model the answers are a quarter
+    hour of each run. A cache file that does not read back as the expected answers is
+    regenerated (with a warning), never trusted."""
+    parts = [model_fingerprint(checkpoint), str(jax.tree.leaves(params)[0].dtype),
+             encode_prompts(tokenizer, [q.prompt for q in asked]),
+             sorted(stop_token_ids(tokenizer, cfg)), max_new_tokens, temperature, seed]
     digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
     path = cache_root() / "answers" / f"{digest}.json"
-    if path.exists():
-        try:
-            answers = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            answers = error
-        if (isinstance(answers, list) and len(answers) == len(asked)
-                and all(isinstance(a, str) for a in answers)):
-            logging.info("pre-edit answers read from %s", path)
-            return answers
-        logging.warning("regenerating the pre-edit answers: %s does not hold %d answers (%s)",
-                        path, len(asked), answers if isinstance(answers, Exception) else
-                        type(answers).__name__)
+    cached = cached_answers(path, len(asked))
+    if cached is not None:
+        logging.info("pre-edit answers read from %s", path)
+        return cached
     answers = generate_answers(params, cfg, tokenizer, asked, max_new_tokens, temperature,
                                jax.random.key(seed))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -191,7 +191,7 @@ def edit_requests(params: Params, cfg: ModelConfig, tokenizer: Any,
         params, down_proj_path(cfg), solver or config.make_solver(), stats, states,
         targets, readout, layers=config.layers, request_ids=[r.case_id for r in requests])
     rows = edit_diagnostics(params, cfg, encoded, readout, result, targets, config)
-    for row, moved in zip(rows, refined.get("moved", ()), strict=False):
+    for row, moved in zip(rows, refined["moved"], strict=True) if "moved" in refined else ():
         row["target_moved"] = moved  # MetaKE: ‖V − V⁽⁰⁾‖ / ‖δ‖
     diagnostics = {"requests": rows,
                    "relative_residual": {layer: float(r.solve.rel_residual)

@@ -26,6 +26,7 @@ from keedit_jax.stats._config import StatsConfig
 from keedit_jax.stats._corpus import (
     DEFAULT_SOURCE,
     SOURCE_NAMES,
+    WIKIPEDIA_VITAL,
     resolve_source,
     vital_instructions,
 )
@@ -62,7 +63,8 @@ from keedit_jax.stats._texts import (
 )
 
 __all__ = [
-    "DEFAULT_SOURCE", "NULLSPACE_THRESHOLD", "SOURCE_NAMES", "CompileTime", "NullSpace",
+    "DEFAULT_SOURCE", "NULLSPACE_THRESHOLD", "SOURCE_NAMES", "WIKIPEDIA_VITAL", "CompileTime",
+    "NullSpace",
     "SecondMoment", "StatsConfig", "TextSourceError", "TokenBatch", "accumulate_batch",
     "batch_sums", "bucket_length", "compile_time", "compute_from_source", "config_fingerprint",
     "default_cache_path", "length_batches", "load_arrays", "load_or_compute",

@@ -79,8 +79,9 @@ def vital_instructions(n: int = PRESERVATION_ARTICLES,
     """(instruction, response) pairs for UnKE's preservation term on a real model, where no
     Alpaca file installs from a registry: "Tell me about <title>." and the lead section cut at
     the last sentence end within `max_chars` (Alpaca's outputs are a few hundred characters).
-    They are the last `n` articles of the shuffled order, so no document of the statistics
-    (the first --stats_samples) nor of the sequential drift probe (the next 64) is among them.
+    They are the last `n` articles of the shuffled order (of about 10,000), so no document of
+    the statistics (the first --stats_samples, up to ~9,000) nor of the sequential drift probe
+    (the next 64) is among them.
     """
     packaged = packaged_file()
     if packaged is None:
