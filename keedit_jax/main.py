@@ -20,7 +20,7 @@ from absl import app, logging
 from absl import flags as absl_flags
 
 from keedit_jax import flags as run_flags
-from keedit_jax import parallel
+from keedit_jax import interrupts, parallel
 from keedit_jax.api import resolve_checkpoint
 from keedit_jax.compile_cache import enable_compilation_cache
 from keedit_jax.data import DatasetError
@@ -49,14 +49,6 @@ USER_ERRORS = (CheckpointError, ConfigError, gguf.GGUFError, TokenizerMismatchEr
                TextSourceError, EncodingError, SolveError, NonFiniteShiftError,
                CheckpointMismatchError, CheckpointDamagedError, parallel.MeshError,
                FileNotFoundError, PermissionError, LayerError)
-
-
-class Terminated(Exception):  # noqa: N818 (a signal, not an error)
-    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated
 
 
 def interrupted_line(signame: str, output: Path) -> str:
@@ -91,7 +83,7 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {err}")
     _log_environment(configs, layout.mesh)
     started = time.perf_counter()
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    interrupts.install()
     try:
         checkpoint = resolve_checkpoint(model.model)
         cfg = config_from_hf(read_hf_config(checkpoint), str(checkpoint / "config.json"))
@@ -100,6 +92,7 @@ def main(argv: list[str]) -> None:
             gguf.check_exportable(cfg)
         with parallel.use_mesh(layout):
             results = method(checkpoint=checkpoint, configs=configs)
+        interrupts.raise_pending()  # a signal during the last batch still stops the run
     except USER_ERRORS as err:  # bad input: one clear line, no traceback
         if created and not any(output.iterdir()):  # nothing partial left behind
             output.rmdir()
@@ -107,7 +100,7 @@ def main(argv: list[str]) -> None:
     except KeyboardInterrupt:
         print(interrupted_line("SIGINT", output), file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
-    except Terminated:
+    except interrupts.Terminated:
         print(interrupted_line("SIGTERM", output), file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
     results["seconds"] = round(time.perf_counter() - started, 1)

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from safetensors.numpy import save_file
 
-from keedit_jax import downstream, parallel, registry
+from keedit_jax import downstream, interrupts, parallel, registry
 from keedit_jax.api import PreparedStructured
 from keedit_jax.data import (
     CounterFactRecord,
@@ -346,6 +346,7 @@ def log_batch(number: int, total: int, rows: Sequence[Mapping[str, Any]],
               seconds: float) -> None:
     """One line per batch (is the target reached? does the edit realise it?), and one per
     request at --verbosity=1."""
+    interrupts.raise_pending()
     s = diagnostics_summary(rows)
     logging.info("batch %d/%d (%.1f s): target prob %.3f -> %.3f with δ (%d/%d stopped early, "
                  "%d/%d at the clamp) -> %.3f edited; the edit realises %.2f of δ",

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from keedit_jax import downstream, parallel, registry, stats
+from keedit_jax import downstream, interrupts, parallel, registry, stats
 from keedit_jax.api import PreparedLongForm
 from keedit_jax.data import (
     AlpacaRecord,
@@ -516,6 +516,7 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
                      len(edits), seconds[-1], len(batch_edits))
         save_partial(Path(run.output_dir), [row for row in pre if row["record"] in edited_ids],
                      post, seconds, failed)
+        interrupts.raise_pending()
     if config.solver != "unke" and (edit.sequential or len(edits) <= edit.edit_batch_size):
         # the run's one edited model (UnKE's regression changes whole layers: not written)
         save_edited_layers(Path(run.output_dir) / EDITED_LAYERS, edited, down_proj_path(cfg),

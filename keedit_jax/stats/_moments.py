@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from keedit_jax import parallel
+from keedit_jax import interrupts, parallel
 from keedit_jax.intervene import Taps, run
 from keedit_jax.models import ModelConfig, down_proj_path, get_path
 from keedit_jax.models.params import Params
@@ -201,6 +201,7 @@ class _Progress:
         # seconds of forward); without it dispatch runs ahead and the lines would count
         # queued batches, not computed ones, or not appear until the end.
         jax.block_until_ready(in_flight)
+        interrupts.raise_pending()
         self.tokens += n_tokens
         self.batches += not final
         if not final and time.perf_counter() - self.last < self.every_s:
