@@ -154,6 +154,51 @@ def test_unke_update_and_a_failed_edit_leave_the_rest_edited(tok, model):
                               np.asarray(params["model"]["layers"]["mlp"]["down_proj"]["kernel"]))
 
 
+def _window_probs_from_logits(model, edit, params):
+    """exp(−mean token NLL) of each window of the target from full logits of X ⊕ Y: the
+    plain forward, not the shift machinery the diagnostics read through."""
+    from keedit_jax.intervene import forward
+
+    ids = np.asarray([edit.prompt_ids + edit.target_ids])
+    logp = jax.nn.log_softmax(forward(params, model.config, ids, np.ones_like(ids)), -1)[0]
+    p = len(edit.prompt_ids)
+    nll = -np.asarray([logp[p - 1 + u, t] for u, t in enumerate(edit.target_ids)])
+    return [float(np.exp(-nll[a:b].mean())) for a, b in edit.windows]
+
+
+@pytest.mark.parametrize("strategy", ["matryoshka_affinity", "one_for_all"])
+def test_window_diagnostics_tell_a_written_update_from_one_that_wrote_nothing(
+        tok, model, strategy):
+    """One edited layer, identity statistics, no in-context keys, float64: λ = 1e-9 writes
+    m* at every shift position (realised 1), λ = 1e12 writes nothing (realised 0, the edited
+    model's probabilities are the unedited ones), while the shifts alone raise them. (Written
+    m* need not give the shifts' probability: the update also moves the other positions.)"""
+    import dataclasses
+
+    base = dataclasses.replace(_config(model, strategy, "memit", layers=(1,)),
+                               in_context_preservation=False)
+    edits, _ = encode_edits(tok, REQUESTS, base.window, 128)
+    stats = {1: jnp.eye(model.config.d_ff)}
+    reports = {}
+    for weight in (1e-9, 1e12):
+        config = dataclasses.replace(base, memit=downstream.MemitHParams(
+            mom2_update_weight=weight, dtype="float64"))
+        with jax.enable_x64(True):
+            _, _, diagnostics = edit_longform(model.params, model.config, edits, stats, config,
+                                              pad_id=0)
+        reports[weight] = diagnostics["windows"]
+    for written, unchanged, edit in zip(reports[1e-9], reports[1e12], edits, strict=True):
+        assert written["case_id"] == edit.case_id and written["windows"] == len(edit.windows)
+        np.testing.assert_allclose(written["realised"], 1, atol=1e-3)
+        np.testing.assert_allclose(unchanged["realised"], 0, atol=1e-3)
+        truth = _window_probs_from_logits(model, edit, model.params)
+        np.testing.assert_allclose(written["prob_before"], truth, rtol=1e-4)
+        np.testing.assert_allclose(unchanged["prob_edited"], truth, rtol=1e-3)
+        assert unchanged["answer_prob_with_delta"] > unchanged["answer_prob_before"]
+        assert all(n <= r * (1 + 1e-5) for n, r in zip(written["delta_norm"],
+                                                       written["clamp_radius"], strict=True))
+
+
 def _unkebench(answer_b: str, question_c: str) -> list[dict]:
     def record(i, question, answer):
         return {"id": i, "question": question, "para_question": question + " Tell me.",

@@ -433,6 +433,38 @@ def verdicts(rows: Sequence[dict]) -> list[str]:
     return lines
 
 
+def window_summary(rows: Sequence[dict]) -> dict[str, float]:
+    """Over the edits' `window_diagnostics`: the median answer probability unedited, with
+    every δ* injected and under the edited weights; the mean share of δ realised over all
+    windows and the share of windows whose δ is at its clamp."""
+    windows = [(r, i) for r in rows for i in range(r["windows"])]
+    return {**{key: float(np.median([r[key] for r in rows]))
+               for key in ("answer_prob_before", "answer_prob_with_delta", "answer_prob_edited")},
+            "realised": float(np.mean([r["realised"][i] for r, i in windows])),
+            "at_clamp": float(np.mean([r["delta_norm"][i] >= 0.999 * r["clamp_radius"][i]
+                                       for r, i in windows])),
+            "edits": len(rows), "windows": len(windows)}
+
+
+def window_verdict(rows: Sequence[dict]) -> str:
+    """The verdict line of `window_summary`: where an edit that did not take stopped."""
+    s = window_summary(rows)
+    return (f"target (teacher-forced answer probability, median of {s['edits']} edits): "
+            f"{s['answer_prob_before']:.3f} unedited → {s['answer_prob_with_delta']:.3f} with "
+            f"the shifts δ* → {s['answer_prob_edited']:.3f} edited; the update realises "
+            f"{s['realised']:.2f} of δ (mean of {s['windows']} windows, "
+            f"{s['at_clamp']:.0%} of them at the clamp)")
+
+
+def log_windows(rows: Sequence[dict]) -> None:
+    """One line per edit: its answer probability through the edit, and each window's share."""
+    for r in rows:
+        logging.info("record %s: %d windows; answer prob %.3f -> %.3f with δ -> %.3f edited; "
+                     "realised %s", r["case_id"], r["windows"], r["answer_prob_before"],
+                     r["answer_prob_with_delta"], r["answer_prob_edited"],
+                     " ".join(f"{x:.2f}" for x in r["realised"]))
+
+
 def examples(records: Sequence[LongFormRecord], pre: Sequence[dict], post: Sequence[dict],
              n: int = N_EXAMPLES) -> list[dict]:
     """The question, target and answers before and after of the first n edited records."""
@@ -446,12 +478,14 @@ def examples(records: Sequence[LongFormRecord], pre: Sequence[dict], post: Seque
 
 
 def save_partial(output: Path, pre: Sequence[dict], post: Sequence[dict],
-                 seconds: Sequence[float], failed: dict[Any, str]) -> None:
-    """The edited records' scored answers so far, rewritten after each batch: a long run
-    stopped later keeps them (read as results.json's "answers" are)."""
+                 seconds: Sequence[float], failed: dict[Any, str],
+                 diagnostics: Sequence[dict]) -> None:
+    """The edited records' scored answers and diagnostics so far, rewritten after each batch:
+    a long run stopped later keeps them (read as results.json's "answers" are)."""
     atomic_write(output / "partial.json", json.dumps(
         {"answers": {"pre": list(pre), "post": list(post)}, "seconds_per_batch": list(seconds),
-         "failed": {str(k): v for k, v in failed.items()}}, indent=1, default=str))
+         "failed": {str(k): v for k, v in failed.items()}, "diagnostics": list(diagnostics)},
+        indent=1, default=str))
 
 
 def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, Any]:
@@ -494,7 +528,7 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
                                    run.max_new_tokens, flags.temperature, run.seed)
     sheets = FactSheets.for_dataset(dataset, records)
     pre = score(asked, pre_answers, embed, sheets)
-    post, seconds, current, edited_ids = [], [], params, set()
+    post, seconds, current, edited_ids, diagnostics = [], [], params, set(), []
     for start in range(0, len(edits), edit.edit_batch_size):
         batch_edits = edits[start:start + edit.edit_batch_size]
         began = time.perf_counter()
@@ -504,6 +538,9 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
         jax.block_until_ready(edited)
         seconds.append(time.perf_counter() - began)
         failed.update(dropped)
+        windows = result.report["diagnostics"].get("windows", [])
+        log_windows(windows)
+        diagnostics += windows
         done = [index[x.case_id] for x in batch_edits if str(x.case_id) not in dropped]
         edited_ids.update(done)
         batch_asked = [q for q in asked if q.record in done]
@@ -515,7 +552,7 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
         logging.info("edited %d/%d (%.1f s for this batch of %d)", start + len(batch_edits),
                      len(edits), seconds[-1], len(batch_edits))
         save_partial(Path(run.output_dir), [row for row in pre if row["record"] in edited_ids],
-                     post, seconds, failed)
+                     post, seconds, failed, diagnostics)
         interrupts.raise_pending()
     if config.solver != "unke" and (edit.sequential or len(edits) <= edit.edit_batch_size):
         # the run's one edited model (UnKE's regression changes whole layers: not written)
@@ -527,11 +564,14 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
     rows = table(pre_means, post_means)
     return {"title": f"{edit.method} ({config.window.strategy}, {config.solver}) on "
                      f"{len(edited_ids)} long-form edits, batch size {edit.edit_batch_size}",
-            "table": rows, "verdicts": verdicts(rows),
+            "table": rows,
+            "verdicts": verdicts(rows) + ([window_verdict(diagnostics)] if diagnostics else []),
             "examples": examples(records, pre, post), "pre": pre_means, "post": post_means,
             "failed": {str(k): v for k, v in failed.items()},
             "case_ids": [str(r.case_id) for r in records],
             "seconds_per_batch": seconds,
             "seconds_per_edit_steady": float(np.mean(steady)) / edit.edit_batch_size
             if seconds else None,
-            "answers": {"pre": pre, "post": post}}
+            "answers": {"pre": pre, "post": post},
+            "diagnostics": diagnostics,
+            "diagnostics_summary": window_summary(diagnostics) if diagnostics else None}

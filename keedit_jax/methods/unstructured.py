@@ -36,8 +36,13 @@ from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.generate import bucket, left_pad
 from keedit_jax.models.params import Params, down_proj_path
 from keedit_jax.upstream import TargetConfig
-from keedit_jax.upstream.longform import EncodedEdit, WindowConfig, pack_windows
-from keedit_jax.upstream.windowed import WindowResult, check_windows_finite, optimise_windows
+from keedit_jax.upstream.longform import EncodedEdit, WindowBatch, WindowConfig, pack_windows
+from keedit_jax.upstream.windowed import (
+    WindowResult,
+    check_windows_finite,
+    optimise_windows,
+    window_readings,
+)
 
 Array = jax.Array
 SolverName = Literal["memit", "alphaedit", "unke"]
@@ -146,9 +151,22 @@ def edit_longform(params: Params, cfg: ModelConfig, edits: Sequence[EncodedEdit]
     diagnostics = shift_diagnostics(result, kept)
     if not kept:
         return params, failures, diagnostics
-    edits = [edits[i] for i in kept]
-    n = max(len(x.windows) for x in edits)
-    targets = np.asarray(result.targets)[kept, :n]
+    edited, residuals = _update(params, cfg, [edits[i] for i in kept],
+                                np.asarray(result.targets)[kept], stats, config, pad_id,
+                                preservation)
+    if residuals:
+        diagnostics["relative_residual"] = residuals
+    diagnostics["windows"] = window_diagnostics(params, edited, cfg, batch, result, config,
+                                                [edits[i] for i in kept], kept)
+    return edited, failures, diagnostics
+
+
+def _update(params: Params, cfg: ModelConfig, edits: Sequence[EncodedEdit], targets: np.ndarray,
+            stats: Mapping[int, Array], config: UnstructuredConfig, pad_id: int,
+            preservation: downstream.Contexts | None) -> tuple[Params, dict[int, float]]:
+    """The weight update writing m* [E, N, D] of the edits' windows: (edited params, the
+    relative residual of each layer's solve; none for UnKE's regression)."""
+    targets = targets[:, :max(len(x.windows) for x in edits)]
     sites = key_sites(edits, config.one_for_all, pad_id)
     ids = [x.case_id for x in edits]
     if config.solver == "unke":
@@ -160,7 +178,7 @@ def edit_longform(params: Params, cfg: ModelConfig, edits: Sequence[EncodedEdit]
             positions=jnp.asarray(sites.positions), valid=jnp.asarray(sites.valid),
             targets=jnp.asarray(targets), preserve=preservation, hparams=config.unke,
             request_ids=ids)
-        return params, failures, diagnostics
+        return params, {}
     solver = registry.structured_solver_factory(config.solver)(config)
     readout = closed_form_readout(cfg, sites, config.layers[-1],
                                   config.in_context_preservation and not config.one_for_all)
@@ -169,9 +187,49 @@ def edit_longform(params: Params, cfg: ModelConfig, edits: Sequence[EncodedEdit]
     params, _, reports = downstream.edit_layers(
         params, down_proj_path(cfg), solver, stats, states, flat_targets, readout,
         layers=config.layers, request_ids=ids)
-    diagnostics["relative_residual"] = {layer: float(r.solve.rel_residual)
-                                        for layer, r in reports.items()}
-    return params, failures, diagnostics
+    return params, {layer: float(r.solve.rel_residual) for layer, r in reports.items()}
+
+
+def _window_probs(nll_r: np.ndarray, bounds: Sequence[tuple[int, int]]) -> list[float]:
+    """exp(−mean token NLL) over each [start, end) of the target."""
+    return [float(np.exp(-nll_r[a:b].mean())) for a, b in bounds]
+
+
+def window_diagnostics(params: Params, edited: Params, cfg: ModelConfig, batch: WindowBatch,
+                       result: WindowResult, config: UnstructuredConfig,
+                       edits: Sequence[EncodedEdit], rows: Sequence[int]) -> list[dict[str, Any]]:
+    """Per edit, per window (teacher-forced on the target; "prob": exp(−mean token NLL)):
+    the probability the unedited model gives ("prob_before"), with every δ* injected ("prob_
+    with_delta", what the shifts reached together), under the edited weights alone
+    ("prob_edited"); ‖δ‖ against its clamp radius; and the share of δ the edited layer l_WM
+    now realises at the window's position ("realised": ⟨h_edited − h, δ⟩/‖δ‖²; 1 when the
+    update wrote all of m*, 0 when it changed nothing there). The same three probabilities
+    over the whole target ("answer_prob_*") tell "the shifts never reached the answer" from
+    "the update did not carry them" (One-for-All has one window: the whole target)."""
+    hp, device_batch = config.target, parallel.put_batch(batch)
+    _, before = window_readings(params, cfg, device_batch, hp)
+    _, with_delta = window_readings(params, cfg, device_batch, hp, jnp.asarray(result.delta))
+    h_edited, after = window_readings(edited, cfg, device_batch, hp)
+    before, with_delta, h_edited, after = parallel.to_host(
+        (before, with_delta, h_edited, after))
+    h, delta = np.asarray(result.h), np.asarray(result.delta)
+    out = []
+    for edit, e in zip(edits, rows, strict=True):
+        n, m = len(edit.windows), len(edit.target_ids)
+        d, moved = delta[e, :n], h_edited[e, :n] - h[e, :n]
+        realised = (moved * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-30)
+        out.append({
+            "case_id": edit.case_id, "windows": n,
+            "prob_before": _window_probs(before[e], edit.windows),
+            "prob_with_delta": _window_probs(with_delta[e], edit.windows),
+            "prob_edited": _window_probs(after[e], edit.windows),
+            "answer_prob_before": _window_probs(before[e], [(0, m)])[0],
+            "answer_prob_with_delta": _window_probs(with_delta[e], [(0, m)])[0],
+            "answer_prob_edited": _window_probs(after[e], [(0, m)])[0],
+            "delta_norm": np.linalg.norm(d, axis=-1).tolist(),
+            "clamp_radius": (hp.clamp_norm_factor * np.linalg.norm(h[e, :n], axis=-1)).tolist(),
+            "realised": realised.tolist()})
+    return out
 
 
 def shift_diagnostics(result: WindowResult, rows: Sequence[int]) -> dict[str, Any]:

@@ -111,7 +111,7 @@ def read_log_probs(params: Params, cfg: ModelConfig, h_btd: Array, batch: ShiftB
     return log_probs(params, cfg, read(h_btd, _flat(batch.read_pos)))
 
 
-def _shift(batch: ShiftBatch, delta_epd: Array, layer: int) -> Shift:
+def shift_of(batch: ShiftBatch, delta_epd: Array, layer: int) -> Shift:
     """Edit e's δ is shared by all its sequences, each at its own positions (anchors §1)."""
     s = batch.tokens.shape[1]
     return Shift(_flat(batch.shift_pos), jnp.repeat(delta_epd, s, axis=0), layer)
@@ -193,7 +193,7 @@ def shifted_log_probs(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: T
     """Log-probs [E·S, R, V] at δ and the read positions: layers [l_WM, v_loss_layer] from
     the cached prefix, or every layer from the tokens when problem.prefix is None (the
     uncached reference, for benchmarks)."""
-    shifts = (_shift(batch, delta_epd, hp.layer),)
+    shifts = (shift_of(batch, delta_epd, hp.layer),)
     mask = _flat(batch.attention_mask)
     if problem.prefix is None:
         top, _ = run(params, cfg, tokens=_flat(batch.tokens), attention_mask=mask,
@@ -219,7 +219,7 @@ def evaluate_shift(params: Params, cfg: ModelConfig, batch: ShiftBatch, delta_ep
     problem = prepare(params, cfg, batch, hp)
     mask = _flat(batch.attention_mask)
     top, _ = run(params, cfg, tokens=_flat(batch.tokens), attention_mask=mask,
-                 stop=hp.v_loss_layer + 1, shifts=(_shift(batch, delta_epd, hp.layer),))
+                 stop=hp.v_loss_layer + 1, shifts=(shift_of(batch, delta_epd, hp.layer),))
     logp = read_log_probs(params, cfg, top, batch)
     return loss_terms(logp, problem.kl_ref, batch, delta_epd, problem.h, hp)
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from keedit_jax.intervene import Taps, run
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.params import Params
 from keedit_jax.upstream.affinity import affinity_row, edit_loss, figure_weights
@@ -33,6 +34,9 @@ from keedit_jax.upstream.loop import (
     optimise_stage,
     prepare,
     read,
+    read_log_probs,
+    shift_of,
+    token_nll,
 )
 from keedit_jax.upstream.windows import affinity_lambdas, is_sequential, stage_token_weights
 
@@ -173,6 +177,24 @@ def optimise_windows(params: Params, cfg: ModelConfig, batch: WindowBatch, hp: T
         updates = result.updates[:, None]
     finite = is_finite(LossTerms(*(x.reshape(e, -1) for x in trace)), delta)
     return WindowResult(delta, problem.h, problem.h + delta, trace, updates, affinity, finite)
+
+
+@partial(jax.jit, static_argnames=("cfg", "hp"))
+def window_readings(params: Params, cfg: ModelConfig, batch: WindowBatch, hp: TargetConfig,
+                    delta: Array | None = None) -> tuple[Array, Array]:
+    """Under `params`, with every window's δ injected when given: the output of layer l_WM at
+    each window's shift position [E, N, D] and the NLL of each target token [E, R] (slot r:
+    target token r, 0 on pads). Before and after an edit, they say whether the edited weights
+    give what the shifts reached (the diagnostics of `methods.unstructured`)."""
+    shift = batch.shift
+    shifts = () if delta is None else (shift_of(shift, delta, hp.layer),)
+    top, caps = run(params, cfg, tokens=shift.tokens[:, 0],
+                    attention_mask=shift.attention_mask[:, 0], stop=hp.v_loss_layer + 1,
+                    shifts=shifts, taps=Taps(block_out=(hp.layer,)))
+    h = read(caps.block_out[hp.layer], shift.shift_pos[:, 0])
+    reads = shift.read_pos[:, 0]
+    nll = token_nll(read_log_probs(params, cfg, top, shift), read(shift.labels[:, 0], reads))
+    return h.astype(jnp.float32), jnp.where(reads >= 0, nll, 0.0)
 
 
 def check_windows_finite(result: WindowResult, case_ids: tuple[int | str, ...]) -> dict:
