@@ -220,6 +220,7 @@ class PreparedStructured:
     config: Any  # methods.structured.StructuredConfig
     templates: tuple[str, ...]
     stats: Mapping[int, Any]
+    batch_editor: str = ""  # the record's, for a method with no closed-form solve
 
     @classmethod
     def build(cls, lm: LoadedModel, tokenizer: Any, method: str,
@@ -234,6 +235,9 @@ class PreparedStructured:
         )
 
         config = structured_config(method, structured, lm.config.n_layers)
+        record = registry.method_record(method)
+        if record.batch_editor:  # fine-tuning: no templates, no statistics
+            return cls(lm, tokenizer, config, ("{}",), {}, record.batch_editor)
         templates = run_templates(lm.params, lm.config, tokenizer, structured, seed)
         if moments is None:
             _, moments = layer_moments(lm.params, lm.config, tokenizer, lm.path, structured,
@@ -250,14 +254,18 @@ class PreparedStructured:
         cfg = self.model.config
         kept, failed = encodable_requests(self.tokenizer, requests, self.templates,
                                           self.config.target, cfg.max_positions)
+        report = {"templates": list(self.templates),
+                  "failed": {str(k): v for k, v in failed.items()}}
+        current = self.model.params if params is None else params
+        if self.batch_editor:
+            edited, rows = registry.load_factory(self.batch_editor)(
+                current, cfg, self.tokenizer, kept, self.config)
+            return EditResult(edited, {}, {"diagnostics": rows, **report})
         states = downstream.init_states(self.config.make_solver(), self.config.layers,
                                         cfg.d_ff, cfg.d_model)
         edited, states, diagnostics = edit_requests(
-            self.model.params if params is None else params, cfg, self.tokenizer, kept,
-            self.templates, self.stats, states, self.config)
-        return EditResult(edited, states, {"diagnostics": diagnostics["requests"],
-                                           "templates": list(self.templates),
-                                           "failed": {str(k): v for k, v in failed.items()}})
+            current, cfg, self.tokenizer, kept, self.templates, self.stats, states, self.config)
+        return EditResult(edited, states, {"diagnostics": diagnostics["requests"], **report})
 
 
 def _edit_structured(lm: LoadedModel, requests: list[Request], chosen: Settings) -> EditResult:

@@ -19,6 +19,7 @@ from keedit_jax import downstream, parallel, registry, stats
 from keedit_jax.data import read_context_templates
 from keedit_jax.eval.sentence_encoder import ENCODER_NAMES
 from keedit_jax.methods import unstructured
+from keedit_jax.methods.finetune import FinetuneConfig
 from keedit_jax.methods.metake import MetaKEConfig
 from keedit_jax.models import gguf
 from keedit_jax.organism.build import ORGANISM_SIZES
@@ -214,6 +215,11 @@ class StructuredFlags:
     mom2_update_weight: float = mirror(
         downstream.MemitHParams, "mom2_update_weight", "MEMIT's λ on the key second moment.")
     alphaedit_l2: float = mirror(downstream.AlphaEditHParams, "l2", "AlphaEdit's L2 term.")
+    ft_steps: int = mirror(FinetuneConfig, "steps", "FT-L/FT-M: Adam steps on each batch.")
+    ft_lr: float = mirror(FinetuneConfig, "lr", "FT-L/FT-M: Adam's learning rate.")
+    ft_norm_constraint: float = mirror(
+        FinetuneConfig, "norm_constraint",
+        "FT-L/FT-M: ε of the bound ‖W − W₀‖∞ ≤ ε on the fine-tuned weights (0: none).")
     solve_dtype: str = mirror(
         downstream.MemitHParams, "dtype",
         "Precision of the closed-form solves of every structured, long-form and "

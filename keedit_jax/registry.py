@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 Protocol = Literal["by_dataset", "structured", "longform", "sequential"]
-Statistics = Literal["moment", "projector", "ote"]
+Statistics = Literal["moment", "projector", "ote", "none"]
 # The protocols that edit long-form texts (by_dataset: when the dataset is long form).
 LONGFORM_PROTOCOLS = ("by_dataset", "longform")
 
@@ -30,6 +30,9 @@ class MethodRecord:
                        flags (`methods.run_sequential.Editor`); every method that can stream
                        (sequential, or by_dataset with --sequential) has one.
     post_processing:   whether --post_processing (PRUNE, RECT) applies to its stream.
+    batch_editor:      "module:function" editing one structured batch itself, for a method
+                       with no target shift and no closed-form solve (fine-tuning): then
+                       the record has no solver_factory and reads no statistics ("none").
     The method's defaults are its flagfile, `configs/<name>.cfg` (`flagfile`)."""
 
     name: str
@@ -41,8 +44,13 @@ class MethodRecord:
     solver_factory: str = ""
     sequential_editor: str = ""
     post_processing: bool = False
+    batch_editor: str = ""
 
     def __post_init__(self) -> None:
+        if self.batch_editor and (self.solver_factory or self.statistics != "none"
+                                  or self.protocol != "structured"):
+            raise ValueError(f"{self.name}: a batch editor is a structured method with no "
+                             "solver factory and no statistics")
         streams = self.protocol in ("sequential", "by_dataset")
         if streams != bool(self.sequential_editor):
             raise ValueError(f"{self.name}: a {self.protocol} method "
@@ -86,6 +94,13 @@ RECORDS = (
     MethodRecord(name="rome", protocol="structured", solver="rome", statistics="moment",
                  solver_factory="keedit_jax.downstream._rome:structured_solver",
                  paper="Meng et al. 2022, Locating and Editing Factual Associations in GPT"),
+    MethodRecord(name="ft_l", protocol="structured", solver="finetune", statistics="none",
+                 batch_editor="keedit_jax.methods.finetune:finetune_requests",
+                 paper="Meng et al. 2022 (ROME), the FT+L baseline: fine-tuning under an "
+                 "L∞ bound"),
+    MethodRecord(name="ft_m", protocol="structured", solver="finetune", statistics="none",
+                 batch_editor="keedit_jax.methods.finetune:finetune_requests",
+                 paper="Zhang et al. 2024, A Comprehensive Study of Knowledge Editing, FT-M"),
     MethodRecord(name="unke", protocol="longform", strategy="one_for_all", solver="unke",
                  statistics="moment", paper="Deng et al. 2025, UnKE"),
     MethodRecord(name="anyedit", protocol="longform", strategy="window", solver="memit",
@@ -140,7 +155,7 @@ def _solver_factories(records: tuple[MethodRecord, ...]) -> dict[str, str]:
                 raise ValueError(f"{record.name}: solver {record.solver!r} is built by "
                                  f"{out[record.solver]}, not {record.solver_factory}")
     for record in records:
-        if record.structured and record.solver not in out:
+        if record.structured and not record.batch_editor and record.solver not in out:
             raise ValueError(f"{record.name}: structured solver {record.solver!r} has no "
                              f"solver_factory in any record")
     return out

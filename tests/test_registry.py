@@ -23,7 +23,7 @@ def test_structured_solvers_come_from_the_records():
     from keedit_jax.methods.structured import StructuredConfig
     from keedit_jax.upstream import TargetConfig
 
-    structured = [r for r in registry.RECORDS if r.structured]
+    structured = [r for r in registry.RECORDS if r.structured and not r.batch_editor]
     assert {r.solver for r in structured} == set(registry.SOLVER_FACTORIES)
     target = TargetConfig(layer=1, v_loss_layer=1)
     for record in structured:
@@ -42,6 +42,18 @@ def test_a_structured_solver_without_a_factory_or_with_two_is_refused():
         registry._solver_factories((
             registry.MethodRecord(name="x", solver="new", solver_factory="a:f", **plain),
             registry.MethodRecord(name="y", solver="new", solver_factory="b:g", **plain)))
+
+
+def test_batch_editors_resolve_and_claim_no_solver_or_statistics():
+    editors = [r for r in registry.RECORDS if r.batch_editor]
+    assert {r.name for r in editors} == {"ft_l", "ft_m"}
+    assert all(callable(registry.load_factory(r.batch_editor)) for r in editors)
+    plain = {"name": "x", "protocol": "structured", "solver": "s", "paper": "p",
+             "batch_editor": "a:f"}
+    with pytest.raises(ValueError, match="x: a batch editor is a structured method"):
+        registry.MethodRecord(statistics="moment", **plain)
+    with pytest.raises(ValueError, match="x: a batch editor is a structured method"):
+        registry.MethodRecord(statistics="none", solver_factory="a:g", **plain)
 
 
 def test_every_record_has_its_flagfile_and_that_flagfile_selects_it():

@@ -111,7 +111,7 @@ def check_method_flags(configs: dict[str, Any]) -> None:
         refusal = structured_only_refusal(method, data, configs["EditFlags"].sequential)
         if refusal:
             raise ValueError(refusal)
-    if REGISTRY[method] is _structured_only or (
+    if (REGISTRY[method] is _structured_only and not record.batch_editor) or (
             REGISTRY[method] is _by_dataset and not configs["EditFlags"].sequential
             and not _is_longform(data)):
         check_structured_layers(record.solver, configs["StructuredFlags"].layer_tuple)

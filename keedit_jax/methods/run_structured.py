@@ -39,6 +39,7 @@ from keedit_jax.eval.structured import (
 )
 from keedit_jax.files import atomic_write, staged_file
 from keedit_jax.flags import DataFlags, EditFlags, ModelFlags, RunFlags, StructuredFlags
+from keedit_jax.methods.finetune import OBJECTIVES, FinetuneConfig
 from keedit_jax.methods.structured import StructuredConfig
 from keedit_jax.models import GenerationConfig, LoadedModel, generate, load_model
 from keedit_jax.models.params import Params, down_proj_path, get_path
@@ -66,15 +67,20 @@ ORGANISM_DATASETS = {"counterfact": "benchmarks/counterfact.json",
                      "auto": "benchmarks/counterfact.json"}
 
 
-def structured_config(method: str, flags: StructuredFlags, n_layers: int) -> StructuredConfig:
+def structured_config(method: str, flags: StructuredFlags,
+                      n_layers: int) -> StructuredConfig | FinetuneConfig:
     """The method's structured config: its registry record's solver, the flags' layers,
     target step and solver hyperparameters, solved in --solve_dtype (a solver without flags
-    takes its defaults, but the dtype)."""
+    takes its defaults, but the dtype); a fine-tuning method's `FinetuneConfig`."""
     layers = flags.layer_tuple
     target = TargetConfig(layer=layers[-1], v_loss_layer=n_layers - 1,
                           fact_token=flags.fact_token, v_num_grad_steps=flags.v_num_grad_steps,
                           v_lr=flags.v_lr, v_weight_decay=flags.v_weight_decay,
                           clamp_norm_factor=flags.clamp_norm_factor, kl_factor=flags.kl_factor)
+    if registry.method_record(method).batch_editor:
+        return FinetuneConfig(layers=layers, target=target, objective=OBJECTIVES[method],
+                              steps=flags.ft_steps, lr=flags.ft_lr,
+                              norm_constraint=flags.ft_norm_constraint)
     return StructuredConfig(
         layers=layers, solver=registry.method_record(method).solver, target=target,
         memit=downstream.MemitHParams(mom2_update_weight=flags.mom2_update_weight,
@@ -102,8 +108,11 @@ def stats_source(checkpoint: Path, flags: StructuredFlags, cache: Path) -> Path:
 def solver_statistics(moments: Mapping[int, Any], kind: str,
                       threshold: float) -> dict[int, Any]:
     """Each layer's statistic in the form its solver reads: E[kkᵀ] ("moment": MEMIT,
-    LyapLock), the null-space projector ("projector": AlphaEdit) or both ("ote": OteStats)."""
+    LyapLock), the null-space projector ("projector": AlphaEdit) or both ("ote": OteStats);
+    nothing for a method that reads none (fine-tuning)."""
     out = {}
+    if kind == "none":
+        return out
     for layer, moment in moments.items():
         c = jnp.asarray(moment.mean(), jnp.float32)
         p = jnp.asarray(null_space_projector(moment, threshold)) if kind != "moment" else None
@@ -132,7 +141,7 @@ class StructuredRun:
     tokenizer: Any
     records: list[Any]
     failed: dict[int | str, str]
-    source: Path
+    source: Path | None  # None: the method reads no statistics
     moments: dict[int, Any]
 
     @property
@@ -201,6 +210,8 @@ def load_structured_run(checkpoint: Path, model: ModelFlags, data: DataFlags,
     if not records:
         raise EncodingError(f"none of the {len(failed)} records can be edited: "
                             + "; ".join(failed.values()))
+    if registry.method_record(method).statistics == "none":  # fine-tuning reads none
+        return StructuredRun(lm, tokenizer, records, failed, None, {})
     source, moments = layer_moments(lm.params, lm.config, tokenizer, checkpoint, flags,
                                     flags.layer_tuple)
     return StructuredRun(lm, tokenizer, records, failed, source, moments)
@@ -330,15 +341,17 @@ def unedited_neighbours(batches: Sequence[Sequence[Any]]) -> list[list[Any]]:
 
 
 def diagnostics_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Means over requests of the per-request target and edit diagnostics."""
+    """Means over requests of the per-request target and edit diagnostics (those every row
+    has: fine-tuning has no shift, so no δ norm, clamp or realised share)."""
     keys = ("target_prob_first", "target_prob_last", "target_prob_edited", "realised",
-            "loss_first", "loss_last", "stopped_at_step")
-    out = {key: float(np.mean([r[key] for r in rows])) for key in keys}
-    out["early_stopped"] = float(np.mean([r["early_stop"] for r in rows]))
-    out["at_clamp"] = float(np.mean([r["delta_norm"] >= 0.999 * r["clamp_radius"]
-                                     for r in rows]))
-    if all("target_moved" in r for r in rows):
-        out["target_moved"] = float(np.mean([r["target_moved"] for r in rows]))
+            "loss_first", "loss_last", "stopped_at_step", "target_moved", "weight_change")
+    out = {key: float(np.mean([r[key] for r in rows])) for key in keys
+           if all(key in r for r in rows)}
+    if all("early_stop" in r for r in rows):
+        out["early_stopped"] = float(np.mean([r["early_stop"] for r in rows]))
+    if all("delta_norm" in r for r in rows):
+        out["at_clamp"] = float(np.mean([r["delta_norm"] >= 0.999 * r["clamp_radius"]
+                                         for r in rows]))
     return out
 
 
@@ -348,6 +361,12 @@ def log_batch(number: int, total: int, rows: Sequence[Mapping[str, Any]],
     request at --verbosity=1."""
     interrupts.raise_pending()
     s = diagnostics_summary(rows)
+    if "realised" not in s:  # fine-tuned: the loss and the edited model's probability
+        logging.info("batch %d/%d (%.1f s): loss %.3f -> %.3f, target prob %.3f -> %.3f "
+                     "fine-tuned, largest weight change %.2g", number, total, seconds,
+                     s["loss_first"], s["loss_last"], s["target_prob_first"],
+                     s["target_prob_edited"], s["weight_change"])
+        return
     logging.info("batch %d/%d (%.1f s): target prob %.3f -> %.3f with δ (%d/%d stopped early, "
                  "%d/%d at the clamp) -> %.3f edited; the edit realises %.2f of δ",
                  number, total, seconds, s["target_prob_first"], s["target_prob_last"],
