@@ -94,6 +94,8 @@ def _assert_same_layers(cli: pathlib.Path, api: dict) -> None:
                  marks=pytest.mark.slow),
     pytest.param("muke", "configs/muke.cfg", "unkebench.json", ("--num_edits=1",),
                  marks=pytest.mark.slow),
+    pytest.param("ft_m", "configs/ft_m.cfg", "counterfact.json",
+                 ("--num_edits=3", "--edit_batch_size=3"), marks=pytest.mark.slow),
 ])
 def test_edit_gives_the_weights_of_the_command_line(tmp_path, method, flagfile, file, extra):
     cache = tmp_path / "cache"
