@@ -70,7 +70,7 @@ def test_the_first_loss_and_adams_first_step_match_the_full_logits(model, tok, o
 def test_prompt_tokens_are_masked_out_of_the_target_new_loss(model, tok):
     """Changing what a prompt position's label would be changes nothing: only target slots
     carry weight."""
-    config = _config(model, "target_new", steps=1, norm_constraint=0.0)
+    config = _config(model, "target_new", steps=1, lr=1e-3, norm_constraint=0.0)  # compiled
     batch = encode_requests(tok, REQUESTS, ("{}",), config.target).batch
     labels = np.asarray(batch.labels).copy()
     weights = np.asarray(batch.weights)
