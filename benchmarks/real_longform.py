@@ -87,6 +87,12 @@ def diagnosis_row(label: str, results: dict) -> dict[str, object] | None:
             "realised": s["realised"], "at clamp": s["at_clamp"]}
 
 
+def answer_probs(results: dict) -> dict[str, dict[str, float]]:
+    """Per record: the answer's probability with the shifts and edited (window diagnostics)."""
+    return {key: {r["case_id"]: r[key] for r in results["diagnostics"]}
+            for key in ("answer_prob_with_delta", "answer_prob_edited")}
+
+
 def paired_row(a: dict[int, float], b: dict[int, float], label: str, group: str,
                metric: str) -> dict[str, object] | None:
     difference = paired_difference(a, b)
@@ -116,6 +122,11 @@ def main() -> None:
             rows += [paired_row(post[a], post[b], f"{a} − {b}", group, metric)
                      for a, b in COMPARISONS if a in post and b in post]
             pairs += [row for row in rows if row]
+    for a, b in COMPARISONS:  # the teacher-forced answer probability, per record
+        if results.get(a, {}).get("diagnostics") and results.get(b, {}).get("diagnostics"):
+            first, second = (answer_probs(results[name]) for name in (a, b))
+            pairs += [row for key in first if (row := paired_row(
+                first[key], second[key], f"{a} − {b}", "target", key))]
     diagnosis = [row for name, r in results.items() if (row := diagnosis_row(name, r))]
     summary = OUT / f"longform_summary_{args.dataset}"
     summary.with_suffix(".json").write_text(json.dumps(
