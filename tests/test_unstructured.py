@@ -230,11 +230,15 @@ def test_command_line_reports_bad_records_and_edits_the_rest(tmp_path, tiny_chec
     assert {row["group"] for row in results["table"]} == {"Ori.", "Para.", "Sub"}
     assert results["table"][0]["metric"] == "fact_efficacy"  # the side file was read
     assert {r["metric"] for r in results["table"]} >= {"fact_efficacy", "fact_leak", "bleu_char"}
-    assert len(results["verdicts"]) == 3 and results["verdicts"][0].startswith("Ori.: new facts")
+    assert len(results["verdicts"]) == 4 and results["verdicts"][0].startswith("Ori.: new facts")
+    assert results["verdicts"][3].startswith("target (teacher-forced answer probability")
+    assert [r["case_id"] for r in results["diagnostics"]] == [0]  # the one edited record
+    assert results["diagnostics_summary"]["windows"] == results["diagnostics"][0]["windows"]
     assert "After the edit:" in (out / "results.md").read_text()
     assert "1 long-form edits" in results["title"]
     partial = json.loads((out / "partial.json").read_text())  # what a stopped run keeps
     assert partial["answers"] == results["answers"] and partial["failed"] == results["failed"]
+    assert partial["diagnostics"] == results["diagnostics"]
     broken = _unkebench(REQUESTS[1].answer, "Q?")
     broken[1]["answer"] = " "
     dataset.write_text(json.dumps(broken))
