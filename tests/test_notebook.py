@@ -52,6 +52,7 @@ def outputs(notebook):
             for output in cell.get("outputs", [])]
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs_headless(organism_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("KEEDIT_CACHE", str(organism_cache))  # the kernel and its children
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")

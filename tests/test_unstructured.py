@@ -166,7 +166,8 @@ def _window_probs_from_logits(model, edit, params):
     return [float(np.exp(-nll[a:b].mean())) for a, b in edit.windows]
 
 
-@pytest.mark.parametrize("strategy", ["matryoshka_affinity", "one_for_all"])
+@pytest.mark.parametrize("strategy", [
+    "matryoshka_affinity", pytest.param("one_for_all", marks=pytest.mark.slow)])
 def test_window_diagnostics_tell_a_written_update_from_one_that_wrote_nothing(
         tok, model, strategy):
     """One edited layer, identity statistics, no in-context keys, float64: λ = 1e-9 writes

@@ -361,6 +361,7 @@ def test_prefix_cache_gives_the_shifts_of_a_full_forward(results, model, hp):
     np.testing.assert_allclose(uncached.delta, result.delta, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_lean_paths_keep_delta_and_the_affinities(tok, model, hp):
     """Issue 20's savings change no δ, each against the path it replaced (max |Δδ| ≤ 1e-5 of
     max |δ|): the affinities from the existing figures' gradients only, against all padded
