@@ -114,12 +114,15 @@ def finetune(params: Params, cfg: ModelConfig, batch: ShiftBatch,
         top, _ = run(tuned, cfg, attention_mask=mask, hidden=prefix, start=first)
         return objective_loss(read_log_probs(tuned, cfg, top, batch), batch, config.objective)
 
+    def mean_loss(w: Array) -> tuple[Array, Array]:
+        per_edit = losses(w)
+        return per_edit.mean(), per_edit
+
     optimizer = optax.adam(config.lr)
 
     def step(carry: tuple[Array, Any], _: None) -> tuple[tuple[Array, Any], Array]:
         w, state = carry
-        (_, per_edit), grad = jax.value_and_grad(
-            lambda x: (lambda v: (v.mean(), v))(losses(x)), has_aux=True)(w)
+        (_, per_edit), grad = jax.value_and_grad(mean_loss, has_aux=True)(w)
         updates, state = optimizer.update(grad, state, w)
         return (_bounded(optax.apply_updates(w, updates), w0, config.norm_constraint),
                 state), per_edit

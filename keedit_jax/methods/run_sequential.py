@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from keedit_jax import downstream, parallel
+from keedit_jax import downstream, interrupts, parallel
 from keedit_jax.api import SequentialEditor, Settings
 from keedit_jax.data import CounterFactRecord
 from keedit_jax.eval.structured import (
@@ -378,6 +378,7 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
             logging.info("after %d edits: %s", done, point)
         if (index + 1) % seq.checkpoint_every == 0 or last:
             store.save(index + 1, stream_state(), progress)
+        interrupts.raise_pending()  # after the batch's checkpoint
         save_progress(Path(run.output_dir), progress)
     store.close()
     params = stream.params  # naive PRUNE's once-at-the-end compression applied

@@ -320,6 +320,7 @@ def run_structured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
         done["diagnostics"] += diagnostics
         log_batch(number, len(batches), diagnostics, done["seconds"][-1])
         save_partial(Path(run.output_dir), done, failed)
+        interrupts.raise_pending()  # after the batch is kept
     if not done["post"]:
         raise EncodingError(f"no batch could be edited: {'; '.join(failed.values())}")
     results = report(edit, len(done["post"]), summarize(done["pre"]), summarize(done["post"]),
@@ -359,7 +360,6 @@ def log_batch(number: int, total: int, rows: Sequence[Mapping[str, Any]],
               seconds: float) -> None:
     """One line per batch (is the target reached? does the edit realise it?), and one per
     request at --verbosity=1."""
-    interrupts.raise_pending()
     s = diagnostics_summary(rows)
     if "realised" not in s:  # fine-tuned: the loss and the edited model's probability
         logging.info("batch %d/%d (%.1f s): loss %.3f -> %.3f, target prob %.3f -> %.3f "

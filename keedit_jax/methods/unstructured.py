@@ -143,9 +143,9 @@ def edit_longform(params: Params, cfg: ModelConfig, edits: Sequence[EncodedEdit]
     Returns (edited params, {case_id: message} of edits dropped because their shift loss went
     non-finite, diagnostics). A failed solve raises, naming the layer and the requests.
     """
-    batch = pack_windows(edits, pad_id)
-    result = parallel.to_host(optimise_windows(params, cfg, parallel.put_batch(batch),
-                                               config.target, config.window, affinity))
+    batch = parallel.put_batch(pack_windows(edits, pad_id))
+    result = parallel.to_host(optimise_windows(params, cfg, batch, config.target, config.window,
+                                               affinity))
     failures = check_windows_finite(result, tuple(x.case_id for x in edits))
     kept = [i for i, x in enumerate(edits) if x.case_id not in failures]
     diagnostics = shift_diagnostics(result, kept)
@@ -206,10 +206,10 @@ def window_diagnostics(params: Params, edited: Params, cfg: ModelConfig, batch: 
     update wrote all of m*, 0 when it changed nothing there). The same three probabilities
     over the whole target ("answer_prob_*") tell "the shifts never reached the answer" from
     "the update did not carry them" (One-for-All has one window: the whole target)."""
-    hp, device_batch = config.target, parallel.put_batch(batch)
-    _, before = window_readings(params, cfg, device_batch, hp)
-    _, with_delta = window_readings(params, cfg, device_batch, hp, jnp.asarray(result.delta))
-    h_edited, after = window_readings(edited, cfg, device_batch, hp)
+    hp = config.target
+    _, before = window_readings(params, cfg, batch, hp)
+    _, with_delta = window_readings(params, cfg, batch, hp, jnp.asarray(result.delta))
+    h_edited, after = window_readings(edited, cfg, batch, hp)
     before, with_delta, h_edited, after = parallel.to_host(
         (before, with_delta, h_edited, after))
     h, delta = np.asarray(result.h), np.asarray(result.delta)

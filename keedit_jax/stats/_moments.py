@@ -201,7 +201,6 @@ class _Progress:
         # seconds of forward); without it dispatch runs ahead and the lines would count
         # queued batches, not computed ones, or not appear until the end.
         jax.block_until_ready(in_flight)
-        interrupts.raise_pending()
         self.tokens += n_tokens
         self.batches += not final
         if not final and time.perf_counter() - self.last < self.every_s:
@@ -235,6 +234,7 @@ def second_moments(params: Params, cfg: ModelConfig, batches: Iterable[TokenBatc
                                       parallel.put_rows(batch.mask_bt), cfg=cfg, layers=layers,
                                       with_values=config.with_values)
             progress.update(batch.n_tokens, device)
+            interrupts.raise_pending()
             pending += 1
             if pending == config.flush_every:
                 device, pending = _flush(host, device), 0
