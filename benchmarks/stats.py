@@ -10,9 +10,10 @@ Run: python -m benchmarks.stats --preset default --out benchmarks/results/stats_
 
 With --model (a local checkpoint directory) it instead times the statistics pass as a run
 makes it, on the real text of --stats_source (default wikipedia-vital), for the first
---tokens tokens: tokens/s, padded-token fill, and the XLA compilations per length bucket
-counted by jax.monitoring (each bucket must compile once), and the pass's FLOP/s (analytic,
-benchmarks/flops.py) against a jitted matmul timed between its batches in the same process:
+--tokens tokens: tokens/s, padded-token fill, and the XLA compilations per row shape (packed
+rows, length buckets) counted by jax.monitoring (each must compile once), and the pass's
+FLOP/s (analytic, benchmarks/flops.py) against a jitted matmul timed between its batches in
+the same process (--pack_length=0 batches one document a row, as before packing):
 
     XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' taskset -c 1 \
     python -m benchmarks.stats --model DIR --tokens 50000 --out benchmarks/results/real_stats
@@ -82,13 +83,13 @@ PRESETS: dict[str, Preset] = {
 
 
 def make_batches(preset: Preset, vocab: int) -> list[TokenBatch]:
-    """Random documents, bucketed exactly as the statistics pass buckets text."""
+    """Random documents, packed and bucketed exactly as the statistics pass batches text."""
     rng = np.random.default_rng(0)
     low, high = preset.doc_lengths
     docs = [list(rng.integers(1, vocab, rng.integers(low, high + 1)))
             for _ in range(preset.n_docs)]
     return list(length_batches(docs, batch_tokens=preset.batch_tokens, min_bucket=16,
-                               max_length=high))
+                               max_length=high, pack_length=StatsConfig().pack_length))
 
 
 def passes(preset: Preset) -> tuple[dict[str, Callable[[], Any]], int]:
@@ -167,7 +168,8 @@ def real_pass(model: Path, source: str, n_tokens: int, layers: tuple[int, ...],
             yield batch
 
     batches = length_batches(docs, batch_tokens=config.batch_tokens,
-                             min_bucket=config.min_bucket, max_length=max_length)
+                             min_bucket=config.min_bucket, max_length=max_length,
+                             pack_length=config.pack_length)
     load_before = os.getloadavg()
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
@@ -266,11 +268,14 @@ def main(argv: Sequence[str] | None = None) -> Json:
     parser.add_argument("--probe_seconds", type=float, default=1.0,
                         help="seconds of each matmul probe between batches (--model)")
     parser.add_argument("--tag", default="", help="suffix of the --model results file")
+    parser.add_argument("--pack_length", type=int, default=StatsConfig().pack_length,
+                        help="rows of packed documents (--model; 0: one document a row)")
     args = parser.parse_args(argv)
     if args.model:
         layers = tuple(int(part) for part in args.layers.split(","))
         results = real_pass(args.model, args.stats_source, args.tokens, layers,
-                            StatsConfig(log_every_s=30.0, max_length=args.max_length),
+                            StatsConfig(log_every_s=30.0, max_length=args.max_length,
+                                        pack_length=args.pack_length or None),
                             args.probe_seconds)
         name = "_".join(filter(None, (args.model.name, str(args.tokens), args.tag)))
         common.write_json(args.out / f"{name}.json", results)

@@ -65,17 +65,18 @@ class Captures:
 
 def run(params: Params, cfg: ModelConfig, *, attention_mask: Array, tokens: Array | None = None,
         hidden: Array | None = None, start: int = 0, stop: int | None = None,
-        shifts: tuple[Shift, ...] = (), taps: Taps = Taps(),
-        remat: bool = False) -> tuple[Array, Captures]:
+        shifts: tuple[Shift, ...] = (), taps: Taps = Taps(), remat: bool = False,
+        segment_ids: Array | None = None) -> tuple[Array, Captures]:
     """Run layers [start, stop) from tokens (start must be 0) or from the hidden state entering
     layer `start`; add `shifts`; return (hidden after layer stop-1, Captures).
 
     attention_mask [B, T] is 1 on real tokens, 0 on left padding; positions and the causal
-    mask are derived from it. `taps.logits` needs stop == n_layers.
+    mask are derived from it; `segment_ids` [B, T] marks documents packed into one row
+    (`transformer.prompt_inputs`). `taps.logits` needs stop == n_layers.
     """
     stop = cfg.n_layers if stop is None else stop
     _validate(cfg, start, stop, shifts, taps, tokens, hidden)
-    inputs = prompt_inputs(cfg, attention_mask)
+    inputs = prompt_inputs(cfg, attention_mask, segment_ids)
     h = embed(params, cfg, tokens, inputs.positions) if hidden is None else hidden
     shifts_at = {s.layer: s for s in shifts}
     captured: dict[str, dict[int, Array]] = {"block_out": {}, "mlp_key": {}, "mlp_out": {}}

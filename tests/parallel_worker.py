@@ -69,7 +69,7 @@ def everything(model_dir: str, tokenizer, shardings) -> dict[str, np.ndarray]:
     ids = [tokenizer(t)["input_ids"] for t in TEXTS]
     batch = pad_left(ids, max(map(len, ids)), 8)
     _, captures = run(params, cfg, tokens=parallel.put_rows(batch.tokens_bt),
-                      attention_mask=parallel.put_rows(batch.mask_bt), taps=Taps(logits=True))
+                      attention_mask=parallel.put_rows(batch.segments_bt), taps=Taps(logits=True))
     moments = second_moments(params, cfg, iter([batch]), (0, 1), log=lambda _: None)
     stats = {layer: jnp.asarray(m.mean(), jnp.float32) for layer, m in moments.items()}
     config = muke_config(cfg.n_layers)

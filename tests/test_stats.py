@@ -13,11 +13,13 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from keedit_jax import intervene, stats
 from keedit_jax.flags import StructuredFlags
 from keedit_jax.methods.run_structured import stats_source
-from keedit_jax.models import config_from_hf, down_proj_path, get_path, init_params
+from keedit_jax.models import config_from_hf, down_proj_path, get_path, init_params, transformer
 from keedit_jax.models.tokenizer import load_tokenizer
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 160, "hidden_size": 32,
@@ -48,8 +50,8 @@ def batches(sequences, batch_tokens=64, max_length=64, pad_id=0):
                                max_length=max_length)
     if pad_id == 0:
         return list(out)
-    return [stats.TokenBatch(tokens_bt=np.where(b.mask_bt == 1, b.tokens_bt, pad_id),
-                             mask_bt=b.mask_bt) for b in out]
+    return [stats.TokenBatch(tokens_bt=np.where(b.segments_bt > 0, b.tokens_bt, pad_id),
+                             segments_bt=b.segments_bt) for b in out]
 
 
 def brute_force(params, cfg, sequences, layers):
@@ -98,15 +100,15 @@ def test_batch_sums_on_rows_equal_the_padded_batch_in_float64(model, sequences):
     params, cfg = model
     batch = batches(sequences)[-1]  # bucket 24: left padding in every row but the longest
     layers = (1, 3)
-    assert (batch.mask_bt == 0).any()
+    assert (batch.segments_bt == 0).any()
     sums = jax.jit(stats.batch_sums, static_argnums=(1, 4, 5))(
-        params, cfg, batch.tokens_bt, batch.mask_bt, layers, True)
+        params, cfg, batch.tokens_bt, batch.segments_bt, layers, True)
     _, caps = jax.jit(intervene.run, static_argnames=("cfg", "taps", "stop"))(
-        params, cfg=cfg, tokens=batch.tokens_bt, attention_mask=batch.mask_bt, stop=4,
+        params, cfg=cfg, tokens=batch.tokens_bt, attention_mask=batch.segments_bt, stop=4,
         taps=intervene.Taps(mlp_key=layers))
     kernels = np.asarray(get_path(params, down_proj_path(cfg)), np.float64)
     for index in layers:
-        k = np.asarray(caps.mlp_key[index], np.float64) * batch.mask_bt[..., None]
+        k = np.asarray(caps.mlp_key[index], np.float64) * batch.segments_bt[..., None]
         v = k @ kernels[index]
         want = {"ff": np.einsum("btf,btg->fg", k, k), "df": np.einsum("btd,btf->df", v, k),
                 "dd": np.einsum("btd,bte->de", v, v)}
@@ -135,7 +137,7 @@ def test_padding_does_not_count(model, sequences):
     # Another pad id and more (empty) padding rows: the same sums, up to float32 rounding of
     # the forward (XLA blocks a bigger batch differently).
     padded = batches(short, batch_tokens=128, pad_id=7)
-    assert any((b.mask_bt.sum(axis=1) == 0).any() for b in padded)  # empty rows present
+    assert any(((b.segments_bt > 0).sum(axis=1) == 0).any() for b in padded)  # empty rows present
     other = stats.second_moments(params, cfg, padded, (1,), log=lambda _: None)
     assert other[1].count == reference[1].count == sum(LENGTHS[:SHORT])
     want = reference[1].sum_ff
@@ -214,9 +216,99 @@ def test_leftovers_ride_up_and_are_counted_once():
     # 3 rides up to bucket 24, then 3 and 20 up to 64 (two rows of 64 fit the budget): two
     # batches of one shape instead of three mostly empty ones of three shapes.
     assert [b.tokens_bt.shape for b in out] == [(2, 64), (2, 64)]
-    assert [b.mask_bt.sum(axis=1).tolist() for b in out] == [[3, 20], [60, 0]]
+    assert [(b.segments_bt > 0).sum(axis=1).tolist() for b in out] == [[3, 20], [60, 0]]
     assert out[0].tokens_bt[0, -3:].tolist() == [5, 5, 5]  # left-padded
 
+
+
+
+# --- packed rows ------------------------------------------------------------------------
+
+TINY_GPT2 = {"model_type": "gpt2", "vocab_size": 160, "n_embd": 32, "n_layer": 4, "n_head": 4,
+             "n_positions": 64, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # rotary and absolute positions
+def test_packed_rows_give_the_sums_of_documents_run_alone(model, sequences, family):
+    """Several documents to a row, each attending to itself with its own positions: the
+    float64 sums of the documents run one at a time, to float32 rounding. Without the
+    segments (one causal row, positions running on) the same batch is far off."""
+    params, cfg = model if family == "llama" else (
+        init_params(cfg := config_from_hf(TINY_GPT2), jax.random.key(1), std=0.2), cfg)
+    packed = list(stats.length_batches(sequences, batch_tokens=128, min_bucket=16,
+                                       max_length=64, pack_length=64))
+    assert [b.tokens_bt.shape for b in packed] == [(1, 64)]  # 62 tokens, five documents
+    assert packed[0].segments_bt.max() == len(LENGTHS)
+    config = stats.StatsConfig(accumulate_dtype="float64", with_values=True)
+    moments = stats.second_moments(params, cfg, packed, (1, 3), config=config,
+                                   log=lambda _: None)
+    for index, (ff, df, dd) in brute_force(params, cfg, sequences, (1, 3)).items():
+        assert moments[index].count == sum(LENGTHS)
+        for name, got, want in (("sum_ff", moments[index].sum_ff, ff),
+                                ("sum_df", moments[index].sum_df, df),
+                                ("sum_dd", moments[index].sum_dd, dd)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max(),
+                                       err_msg=f"layer {index} {name}")
+    one_document = [stats.TokenBatch(tokens_bt=b.tokens_bt,
+                                     segments_bt=(b.segments_bt > 0).astype(np.int32))
+                    for b in packed]
+    joined = stats.second_moments(params, cfg, one_document, (3,), log=lambda _: None)
+    want = moments[3].sum_ff
+    assert np.abs(joined[3].sum_ff - want).max() > 1e-3 * np.abs(want).max()
+
+
+def test_positions_and_attention_restart_with_each_segment():
+    segments = np.array([[0, 0, 1, 1, 2, 2, 2, 3]], np.int32)
+    cfg = config_from_hf(TINY_LLAMA)
+    inputs = transformer.prompt_inputs(cfg, (segments > 0).astype(np.int32), segments)
+    assert np.asarray(inputs.positions).tolist() == [[0, 1, 0, 1, 0, 1, 2, 0]]
+    mask = np.asarray(inputs.mask[0])
+    assert mask[5].tolist() == [False] * 4 + [True, True] + [False] * 2  # segment 2, slot 5
+    assert mask[7].tolist() == [False] * 7 + [True]
+    assert not mask[:2].any()  # padding queries see nothing
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=60), st.integers(1, 4))
+def test_packing_keeps_every_document_once_in_order_and_fills_rows(lengths, rows):
+    """Every document, packed (≤ 24 tokens) or bucketed (longer), appears exactly once, whole
+    and contiguous within one segment; packed rows hold ≤ 24 tokens; packed batches have
+    `rows` rows but the last, which may have fewer (a power of two)."""
+    docs = [[n * 100 + i for i in range(n)] for n in lengths]  # each document recognisable
+    out = list(stats.length_batches(docs, batch_tokens=24 * rows, min_bucket=16,
+                                    max_length=40, pack_length=24))
+    seen = []
+    for batch in out:
+        for tokens, segments in zip(batch.tokens_bt, batch.segments_bt, strict=True):
+            for segment in range(1, segments.max() + 1):
+                slots = np.flatnonzero(segments == segment)
+                assert slots.size and (np.diff(slots) == 1).all()
+                seen.append(tokens[slots].tolist())
+    assert sorted(seen) == sorted(docs)
+    packed = [b for b in out if b.tokens_bt.shape[1] == 24 and b.segments_bt.max() >= 1]
+    assert all(b.tokens_bt.shape[0] == rows for b in packed[:-1])
+    short = sum(n for n in lengths if n <= 24)
+    if short:
+        last = packed[-1].tokens_bt.shape[0]
+        assert last == rows or (last < rows and last & (last - 1) == 0)
+        # best fit: what is computed stays within one mostly empty row per batch plus the
+        # last batch's power-of-two rounding of the ideal packing
+        assert sum(b.segments_bt.size for b in packed) <= 2 * (short + 24 * len(packed))
+
+
+def test_packing_fills_rows_of_real_prose_lengths():
+    """Lengths drawn like the 500-document pass (mean ~100 of at most 256 tokens): packed
+    rows are ≥ 95% full where length buckets fill ~70-85%."""
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(rng.lognormal(4.2, 0.8, 500).astype(int) + 1, 256)
+    docs = [[3] * int(n) for n in lengths]
+
+    def fill(pack_length):
+        out = list(stats.length_batches(docs, batch_tokens=8192, min_bucket=16,
+                                        max_length=256, pack_length=pack_length))
+        return sum(lengths) / sum(b.segments_bt.size for b in out)
+
+    assert fill(None) < 0.9 and fill(256) >= 0.95
 
 
 # --- text sources -------------------------------------------------------------------------

@@ -158,3 +158,14 @@ def attention_mask(query_slots_bt: Array, key_valid_bs: Array,
 def positions_from_mask(attention_mask_bt: Array) -> Array:
     """Position ids for a left-padded batch: 0 at each row's first real token."""
     return jnp.maximum(jnp.cumsum(attention_mask_bt, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def positions_in_segments(segment_ids_bt: Array) -> Array:
+    """Position ids of packed rows: 0 at the first slot of each run of equal segment ids, so
+    every document packed into a row sees the positions it would see alone."""
+    t = segment_ids_bt.shape[-1]
+    slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_bt.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids_bt[:, :1], dtype=bool),
+                              segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=-1)
+    run_start = jax.lax.cummax(jnp.where(starts, slots, 0), axis=segment_ids_bt.ndim - 1)
+    return slots - run_start

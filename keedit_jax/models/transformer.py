@@ -17,18 +17,27 @@ from keedit_jax.models.layers import (
     KVCache,
     attention_mask,
     positions_from_mask,
+    positions_in_segments,
 )
 from keedit_jax.models.params import Params, layer
 
 Array = jax.Array
 
 
-def prompt_inputs(cfg: ModelConfig, mask_bt: Array) -> AttnInputs:
-    """Attention inputs for a left-padded batch processed without a cache."""
+def prompt_inputs(cfg: ModelConfig, mask_bt: Array,
+                  segment_ids_bt: Array | None = None) -> AttnInputs:
+    """Attention inputs for a left-padded batch processed without a cache.
+
+    segment_ids_bt (packed rows: contiguous runs of equal nonzero ids, 0 on padding): each
+    token attends only within its run and positions restart at 0 with each run, so a packed
+    document computes what it computes alone."""
     b, t = mask_bt.shape
     slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return AttnInputs(positions=positions_from_mask(mask_bt),
-                      mask=attention_mask(slots, mask_bt, cfg.sliding_window))
+    mask = attention_mask(slots, mask_bt, cfg.sliding_window)
+    if segment_ids_bt is None:
+        return AttnInputs(positions=positions_from_mask(mask_bt), mask=mask)
+    same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+    return AttnInputs(positions=positions_in_segments(segment_ids_bt), mask=mask & same)
 
 
 def embed(params: Params, cfg: ModelConfig, tokens_bt: Array, positions_bt: Array) -> Array:

@@ -92,12 +92,15 @@ def check_layers(cfg: ModelConfig, layers: Iterable[int]) -> tuple[int, ...]:
     return layers
 
 
-def batch_sums(params: Params, cfg: ModelConfig, tokens_bt: Array, mask_bt: Array,
+def batch_sums(params: Params, cfg: ModelConfig, tokens_bt: Array, segments_bt: Array,
                layers: tuple[int, ...], with_values: bool) -> Sums:
-    """Σ k kᵀ (and Σ v kᵀ, Σ v vᵀ) over the real tokens of one batch, for every layer."""
-    _, captures = run(params, cfg, tokens=tokens_bt, attention_mask=mask_bt,
-                      stop=max(layers) + 1, taps=Taps(mlp_key=layers))
-    real_n1 = mask_bt.reshape(-1, 1).astype(bool)
+    """Σ k kᵀ (and Σ v kᵀ, Σ v vᵀ) over the real tokens of one batch, for every layer.
+
+    segments_bt: 0 on padding, else the document's id within its row (`TokenBatch`)."""
+    real_bt = segments_bt > 0
+    _, captures = run(params, cfg, tokens=tokens_bt, attention_mask=real_bt.astype(jnp.int32),
+                      segment_ids=segments_bt, stop=max(layers) + 1, taps=Taps(mlp_key=layers))
+    real_n1 = real_bt.reshape(-1, 1)
     kernels = get_path(params, down_proj_path(cfg))  # [L, F, D]
     sums: Sums = {}
     for index in layers:
@@ -129,12 +132,12 @@ def _gram(a_nx: Array, b_ny: Array) -> Array:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layers", "with_values"),
                    donate_argnums=(0,))
-def accumulate_batch(acc: Sums, params: Params, tokens_bt: Array, mask_bt: Array, *,
+def accumulate_batch(acc: Sums, params: Params, tokens_bt: Array, segments_bt: Array, *,
                      cfg: ModelConfig, layers: tuple[int, ...], with_values: bool) -> Sums:
     """acc + this batch's sums; the accumulator is donated (updated in place) and keeps its
     layout (on a mesh: Σ k kᵀ by rows, the batch's share summed across devices)."""
     total = jax.tree.map(jnp.add, acc,
-                         batch_sums(params, cfg, tokens_bt, mask_bt, layers, with_values))
+                         batch_sums(params, cfg, tokens_bt, segments_bt, layers, with_values))
     return {index: {name: parallel.shard(value, _layout(name)) for name, value in sums.items()}
             for index, sums in total.items()}
 
@@ -219,8 +222,8 @@ def second_moments(params: Params, cfg: ModelConfig, batches: Iterable[TokenBatc
                    log: Log = print) -> dict[int, SecondMoment]:
     """E[k kᵀ] sums of every layer in `layers`, in one pass over `batches`.
 
-    Only real tokens (mask 1) count. See `texts.length_batches` for batches that compile
-    once per length bucket.
+    Only real tokens (segment id > 0) count. See `texts.length_batches` for batches that
+    compile once per row shape.
     """
     layers = check_layers(cfg, layers)
     host_dtype = np.dtype(config.accumulate_dtype)
@@ -231,7 +234,7 @@ def second_moments(params: Params, cfg: ModelConfig, batches: Iterable[TokenBatc
         pending = 0
         for batch in batches:  # rows padded to the mesh's batch axes: empty rows add nothing
             device = accumulate_batch(device, params, parallel.put_rows(batch.tokens_bt),
-                                      parallel.put_rows(batch.mask_bt), cfg=cfg, layers=layers,
+                                      parallel.put_rows(batch.segments_bt), cfg=cfg, layers=layers,
                                       with_values=config.with_values)
             progress.update(batch.n_tokens, device)
             interrupts.raise_pending()

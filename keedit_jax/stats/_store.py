@@ -95,14 +95,15 @@ def arrays_to_moments(arrays: dict[str, np.ndarray], layers: tuple[int, ...],
 def compute_from_source(params: Params, cfg: ModelConfig, layers: tuple[int, ...],
                         tokenizer: Any, config: StatsConfig,
                         log: Log) -> dict[int, SecondMoment]:
-    """One pass over config.source: read, tokenise, bucket by length, accumulate."""
+    """One pass over config.source: read, tokenise, pack or bucket by length, accumulate."""
     max_length = config.resolved_max_length(cfg)
     texts = read_texts(config.source, text_field=config.text_field,
                        plain_text_documents=config.plain_text_documents)
     ids = tokenize_texts(texts, tokenizer, max_length=max_length, n_samples=config.n_samples,
                          add_special_tokens=config.add_special_tokens)
     batches = length_batches(ids, batch_tokens=config.batch_tokens,
-                             min_bucket=config.min_bucket, max_length=max_length)
+                             min_bucket=config.min_bucket, max_length=max_length,
+                             pack_length=config.pack_length)
     return second_moments(params, cfg, batches, layers, config=config, log=log)
 
 

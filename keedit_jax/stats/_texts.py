@@ -1,8 +1,9 @@
 """Local text sources, tokenisation and length-bucketed batches for the statistics pass.
 
 Documents stream from the file one at a time, so a multi-gigabyte dump never sits in memory.
-Batches are left-padded (the model's convention) to a length bucket (powers of two and their
-1.5 times) with a fixed row count per bucket, so the jitted step compiles once per bucket.
+Short documents are packed several to a row of one length; longer ones are left-padded (the
+model's convention) to a length bucket (powers of two and their 1.5 times) with a fixed row
+count per bucket, so the jitted step compiles once per row shape.
 """
 
 from __future__ import annotations
@@ -105,14 +106,16 @@ def tokenize_texts(texts: Iterable[str], tokenizer: Any, *, max_length: int, n_s
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TokenBatch:
-    """Left-padded token ids and mask [B, T]; rows with an all-zero mask are padding rows."""
+    """Token ids and segment ids [B, T]. Segment 0 is padding; a row holds one left-padded
+    document (segment 1) or several packed ones (segments 1, 2, ...); an all-zero row is a
+    padding row."""
 
     tokens_bt: np.ndarray
-    mask_bt: np.ndarray
+    segments_bt: np.ndarray
 
     @property
     def n_tokens(self) -> int:
-        return int(self.mask_bt.sum())
+        return int(np.count_nonzero(self.segments_bt))
 
 
 def bucket_length(n: int, *, min_bucket: int, max_length: int) -> int:
@@ -130,44 +133,135 @@ def rows_per_batch(length: int, batch_tokens: int) -> int:
 
 
 def length_batches(sequences: Iterable[Sequence[int]], *, batch_tokens: int, min_bucket: int,
-                   max_length: int) -> Iterator[TokenBatch]:
-    """Group documents by length bucket; emit a bucket when its rows are full. Memory holds
-    at most one batch per bucket, and every batch of a bucket has one shape (one compile).
+                   max_length: int, pack_length: int | None = None) -> Iterator[TokenBatch]:
+    """Batches of the documents, each of one shape per length bucket (one compile each).
+
+    With `pack_length`, documents that fit a row of R = bucket_length(pack_length) tokens are
+    packed several to a row (`RowPacker`: one shape for them all, rows ~95% full where
+    bucketing fills ~70-85%); longer documents, and all of them without it, are bucketed by
+    length (`LengthBuckets`). Packed or bucketed, each document computes what it computes
+    alone (`transformer.prompt_inputs`). Memory holds at most a few batches."""
+    row = None if pack_length is None else bucket_length(
+        min(pack_length, max_length), min_bucket=min_bucket, max_length=max_length)
+    packer = None if row is None else RowPacker(row, rows_per_batch(row, batch_tokens))
+    buckets = LengthBuckets(batch_tokens=batch_tokens, min_bucket=min_bucket,
+                            max_length=max_length)
+    for ids in sequences:
+        if len(ids) > max_length:
+            raise ValueError(f"a document of {len(ids)} tokens exceeds max_length={max_length}")
+        yield from (packer.add(ids) if packer is not None and len(ids) <= packer.length
+                    else buckets.add(ids))
+    if packer is not None:
+        yield from packer.finish()
+    yield from buckets.finish()
+
+
+@dataclasses.dataclass
+class LengthBuckets:
+    """Documents grouped by length bucket; a bucket is emitted when its rows are full.
 
     At the end, a bucket's leftover documents ride up into the next longer bucket when they
     fit in one batch of it (the longer rows are padding, which the mask drops), else they
     form a last batch padded with empty rows: a short pass computes a few partial batches,
     not one per bucket of mostly empty rows."""
-    pools: dict[int, list[Sequence[int]]] = {}
-    for ids in sequences:
-        if len(ids) > max_length:
-            raise ValueError(f"a document of {len(ids)} tokens exceeds max_length={max_length}")
-        length = bucket_length(len(ids), min_bucket=min_bucket, max_length=max_length)
-        pool = pools.setdefault(length, [])
+
+    batch_tokens: int
+    min_bucket: int
+    max_length: int
+    pools: dict[int, list[Sequence[int]]] = dataclasses.field(default_factory=dict)
+
+    def add(self, ids: Sequence[int]) -> Iterator[TokenBatch]:
+        length = bucket_length(len(ids), min_bucket=self.min_bucket, max_length=self.max_length)
+        pool = self.pools.setdefault(length, [])
         pool.append(ids)
-        if len(pool) == rows_per_batch(length, batch_tokens):
+        if len(pool) == rows_per_batch(length, self.batch_tokens):
             yield pad_left(pool, length, len(pool))
-            pools[length] = []
-    lengths = sorted(pools)
-    leftover: list[Sequence[int]] = []
-    for length, longer in zip(lengths, lengths[1:] + [None], strict=True):
-        pool, rows = leftover + pools[length], rows_per_batch(length, batch_tokens)
-        while len(pool) >= rows:
-            yield pad_left(pool[:rows], length, rows)
-            pool = pool[rows:]
-        if pool and (longer is None or len(pool) > rows_per_batch(longer, batch_tokens)):
-            yield pad_left(pool, length, rows)
-            pool = []
-        leftover = pool
+            self.pools[length] = []
+
+    def finish(self) -> Iterator[TokenBatch]:
+        lengths = sorted(self.pools)
+        leftover: list[Sequence[int]] = []
+        for length, longer in zip(lengths, [*lengths[1:], None], strict=False):
+            pool = leftover + self.pools[length]
+            rows = rows_per_batch(length, self.batch_tokens)
+            while len(pool) >= rows:
+                yield pad_left(pool[:rows], length, rows)
+                pool = pool[rows:]
+            if pool and (longer is None
+                         or len(pool) > rows_per_batch(longer, self.batch_tokens)):
+                yield pad_left(pool, length, rows)
+                pool = []
+            leftover = pool
+        self.pools = {}
+
+
+@dataclasses.dataclass
+class RowPacker:
+    """Best-fit packing of documents into rows of `length` tokens, `rows` rows a batch.
+
+    A document goes to the fullest open row it fits; up to two batches of rows stay open, and
+    when a document fits none of them the fullest `rows` rows are emitted. The last batch
+    has the fewest power-of-two rows (at most `rows`) that hold what is left: one more
+    compile at most, for less padding than a batch of mostly empty rows."""
+
+    length: int
+    rows: int
+    open_rows: list[list[Sequence[int]]] = dataclasses.field(default_factory=list)
+
+    def add(self, ids: Sequence[int]) -> Iterator[TokenBatch]:
+        if self._best_fit(len(ids)) is None and len(self.open_rows) == 2 * self.rows:
+            yield self._emit(self.rows)
+        best = self._best_fit(len(ids))
+        if best is None:
+            self.open_rows.append([ids])
+        else:
+            self.open_rows[best].append(ids)
+
+    def finish(self) -> Iterator[TokenBatch]:
+        while len(self.open_rows) >= self.rows:
+            yield self._emit(self.rows)
+        if self.open_rows:
+            yield self._emit(min(self.rows, 1 << (len(self.open_rows) - 1).bit_length()))
+
+    def _best_fit(self, n: int) -> int | None:
+        room = [(self.length - _used(row), index) for index, row in enumerate(self.open_rows)]
+        fitting = [(free, index) for free, index in room if free >= n]
+        return min(fitting)[1] if fitting else None
+
+    def _emit(self, rows: int) -> TokenBatch:
+        fullest = sorted(range(len(self.open_rows)), key=lambda i: -_used(self.open_rows[i]))
+        taken = set(fullest[:rows])
+        batch = pack_rows([self.open_rows[i] for i in sorted(taken)], self.length, rows)
+        self.open_rows = [row for i, row in enumerate(self.open_rows) if i not in taken]
+        return batch
+
+
+def _used(row: Sequence[Sequence[int]]) -> int:
+    return sum(map(len, row))
+
+
+def pack_rows(rows_of_documents: Sequence[Sequence[Sequence[int]]], length: int, rows: int,
+              pad_id: int = 0) -> TokenBatch:
+    """Each row's documents end to end, right-aligned in a [rows, length] batch, segment ids
+    1, 2, ... in order; missing rows are all padding."""
+    tokens = np.full((rows, length), pad_id, np.int32)
+    segments = np.zeros((rows, length), np.int32)
+    for row, documents in enumerate(rows_of_documents):
+        start = length - _used(documents)
+        for segment, ids in enumerate(documents, start=1):
+            tokens[row, start:start + len(ids)] = ids
+            segments[row, start:start + len(ids)] = segment
+            start += len(ids)
+    return TokenBatch(tokens_bt=tokens, segments_bt=segments)
 
 
 def pad_left(sequences: Sequence[Sequence[int]], length: int, rows: int,
              pad_id: int = 0) -> TokenBatch:
     """Right-align each sequence in a [rows, length] batch; missing rows are all padding."""
     tokens = np.full((rows, length), pad_id, np.int32)
-    mask = np.zeros((rows, length), np.int32)
+    segments = np.zeros((rows, length), np.int32)
     for row, ids in enumerate(sequences):
         if ids:
             tokens[row, length - len(ids):] = ids
-            mask[row, length - len(ids):] = 1
-    return TokenBatch(tokens_bt=tokens, mask_bt=mask)
+            segments[row, length - len(ids):] = 1
+    return TokenBatch(tokens_bt=tokens, segments_bt=segments)
