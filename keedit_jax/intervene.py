@@ -5,10 +5,15 @@ Every method in the library reaches the model through `run`. A memory shift δ i
 request (`Taps`) answered by a pytree (`Captures`). No hooks, no mutable state (DESIGN.md).
 
 Sites, per layer l (HF names for a Llama):
-  block_out  the residual stream after layer l (where shifts are added), [B, T, D]
+  block_out  the residual stream after layer l (where shifts are added by default), [B, T, D]
   mlp_key    the down-projection input of layer l (the MEMIT key), [B, T, F]
   mlp_out    the down-projection output of layer l (MEMIT's value site), [B, T, D]
-A shift at layer l is added to block_out of layer l, after mlp_key/mlp_out are read.
+  attn_out   the attention output projection's output of layer l (o_proj), [B, T, D]
+A shift names its site (`Shift.site`): at block_out it is added after the block, after
+mlp_key/mlp_out are read; at attn_out or mlp_out it is added to that sublayer's output inside
+the block (`models.layers.SublayerShifts`), so what reads that output downstream sees it (a
+Llama or GPT-2 MLP reads the shifted attention output; GPT-J's parallel MLP does not). A tap
+at attn_out / mlp_out reads what the weights compute there, before that site's own shift.
 """
 
 from __future__ import annotations
@@ -19,24 +24,30 @@ import jax
 import jax.numpy as jnp
 
 from keedit_jax.models.config import ModelConfig
+from keedit_jax.models.layers import SublayerShifts
 from keedit_jax.models.params import Params
 from keedit_jax.models.transformer import embed, head, prompt_inputs, run_block, run_layers
 
 Array = jax.Array
+# Where a Shift is added (module docstring).
+SITES = ("block_out", "attn_out", "mlp_out")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Shift:
-    """Add `delta` [B, P, D] to the output of `layer` at sequence indices `positions` [B, P].
+    """Add `delta` [B, P, D] to `site` of `layer` at sequence indices `positions` [B, P].
 
     Indices address the (left-padded) sequence axis. A row that needs fewer than P shifts can
-    repeat an index with a zero delta.
+    repeat an index with a zero delta. `site` (static) is one of `SITES`: the block output
+    (the residual stream, every method's default), or inside the block the attention output
+    or the MLP output (PMET's two "TC hidden states", Li et al. 2024).
     """
 
     positions: Array
     delta: Array
     layer: int = dataclasses.field(metadata={"static": True})
+    site: str = dataclasses.field(default="block_out", metadata={"static": True})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,9 +58,10 @@ class Taps:
     mlp_key: tuple[int, ...] = ()
     mlp_out: tuple[int, ...] = ()
     logits: bool = False
+    attn_out: tuple[int, ...] = ()
 
     def layers(self) -> frozenset[int]:
-        return frozenset(self.block_out + self.mlp_key + self.mlp_out)
+        return frozenset(self.block_out + self.mlp_key + self.mlp_out + self.attn_out)
 
 
 @jax.tree_util.register_dataclass
@@ -61,6 +73,7 @@ class Captures:
     mlp_key: dict[int, Array]
     mlp_out: dict[int, Array]
     logits: Array | None
+    attn_out: dict[int, Array] = dataclasses.field(default_factory=dict)
 
 
 def run(params: Params, cfg: ModelConfig, *, attention_mask: Array, tokens: Array | None = None,
@@ -78,15 +91,19 @@ def run(params: Params, cfg: ModelConfig, *, attention_mask: Array, tokens: Arra
     _validate(cfg, start, stop, shifts, taps, tokens, hidden)
     inputs = prompt_inputs(cfg, attention_mask, segment_ids)
     h = embed(params, cfg, tokens, inputs.positions) if hidden is None else hidden
-    shifts_at = {s.layer: s for s in shifts}
-    captured: dict[str, dict[int, Array]] = {"block_out": {}, "mlp_key": {}, "mlp_out": {}}
+    shifts_at: dict[int, dict[str, Shift]] = {}
+    for s in shifts:
+        shifts_at.setdefault(s.layer, {})[s.site] = s
+    captured: dict[str, dict[int, Array]] = {"block_out": {}, "mlp_key": {}, "mlp_out": {},
+                                             "attn_out": {}}
     cursor = start
     for index in sorted(taps.layers() | shifts_at.keys()):
         h, _ = run_layers(params, cfg, h, inputs, cursor, index, remat=remat)
-        out = run_block(params, cfg, index, h, inputs)
-        h = out.hidden if index not in shifts_at else _add_shift(out.hidden, shifts_at[index])
+        here = shifts_at.get(index, {})
+        out = run_block(params, cfg, index, h, inputs, adds=_sublayer_adds(h, here))
+        h = out.hidden if "block_out" not in here else _add_shift(out.hidden, here["block_out"])
         for site, value in (("mlp_key", out.mlp_key), ("mlp_out", out.mlp_out),
-                            ("block_out", h)):
+                            ("attn_out", out.attn_out), ("block_out", h)):
             if index in getattr(taps, site):
                 captured[site][index] = value
         cursor = index + 1
@@ -98,6 +115,15 @@ def run(params: Params, cfg: ModelConfig, *, attention_mask: Array, tokens: Arra
 def _add_shift(h_btd: Array, shift: Shift) -> Array:
     rows = jnp.arange(h_btd.shape[0])[:, None]
     return h_btd.at[rows, shift.positions].add(shift.delta.astype(h_btd.dtype))
+
+
+def _sublayer_adds(h_btd: Array, here: dict[str, Shift]) -> SublayerShifts:
+    """The attn_out / mlp_out shifts of one layer as dense [B, T, D] additions (zero elsewhere;
+    none when the layer has no such shift, so the block computes exactly what it did)."""
+    def dense(site: str) -> Array | None:
+        return _add_shift(jnp.zeros_like(h_btd), here[site]) if site in here else None
+
+    return SublayerShifts(attn_out=dense("attn_out"), mlp_out=dense("mlp_out"))
 
 
 def _validate(cfg: ModelConfig, start: int, stop: int, shifts: tuple[Shift, ...], taps: Taps,
@@ -115,8 +141,13 @@ def _validate(cfg: ModelConfig, start: int, stop: int, shifts: tuple[Shift, ...]
             cfg.check_layer(index, what)
             if not start <= index < stop:
                 raise IndexError(f"{what} {index} is outside the run range [{start}, {stop})")
-    if len({s.layer for s in shifts}) != len(shifts):
-        raise ValueError("at most one Shift per layer: merge positions of one layer into one")
+    for s in shifts:
+        if s.site not in SITES:
+            raise ValueError(f"Shift at layer {s.layer}: unknown site {s.site!r}; sites: "
+                             f"{', '.join(SITES)}")
+    if len({(s.layer, s.site) for s in shifts}) != len(shifts):
+        raise ValueError("at most one Shift per layer and site: merge positions of one layer "
+                         "and site into one")
     if taps.logits and stop != cfg.n_layers:
         raise ValueError(f"logits need the run to reach the last layer (stop={stop})")
 

@@ -33,6 +33,9 @@ class MethodRecord:
     batch_editor:      "module:function" editing one structured batch itself, for a method
                        with no target shift and no closed-form solve (fine-tuning): then
                        the record has no solver_factory and reads no statistics ("none").
+    sites:             where the structured target step adds its shifts at the last edited
+                       layer (`upstream.TargetConfig.sites`): the block output, or PMET's
+                       attention and MLP outputs, optimised jointly.
     The method's defaults are its flagfile, `configs/<name>.cfg` (`flagfile`)."""
 
     name: str
@@ -45,8 +48,12 @@ class MethodRecord:
     sequential_editor: str = ""
     post_processing: bool = False
     batch_editor: str = ""
+    sites: tuple[str, ...] = ("block_out",)
 
     def __post_init__(self) -> None:
+        if self.sites != ("block_out",) and self.protocol != "structured":
+            raise ValueError(f"{self.name}: shifts at {self.sites} are structured-only (the "
+                             "long-form and sequential runners shift the block output)")
         if self.batch_editor and (self.solver_factory or self.statistics != "none"
                                   or self.protocol != "structured"):
             raise ValueError(f"{self.name}: a batch editor is a structured method with no "
@@ -94,6 +101,10 @@ RECORDS = (
     MethodRecord(name="rome", protocol="structured", solver="rome", statistics="moment",
                  solver_factory="keedit_jax.downstream._rome:structured_solver",
                  paper="Meng et al. 2022, Locating and Editing Factual Associations in GPT"),
+    MethodRecord(name="pmet", protocol="structured", solver="pmet", statistics="moment",
+                 solver_factory="keedit_jax.downstream._pmet:structured_solver",
+                 sites=("attn_out", "mlp_out"),
+                 paper="Li et al. 2024, PMET: Precise Model Editing in a Transformer (AAAI)"),
     MethodRecord(name="ft_l", protocol="structured", solver="finetune", statistics="none",
                  batch_editor="keedit_jax.methods.finetune:finetune_requests",
                  paper="Meng et al. 2022 (ROME), the FT+L baseline: fine-tuning under an "

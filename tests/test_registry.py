@@ -56,6 +56,17 @@ def test_batch_editors_resolve_and_claim_no_solver_or_statistics():
         registry.MethodRecord(statistics="none", solver_factory="a:g", **plain)
 
 
+def test_shift_sites_other_than_the_block_output_are_structured_only():
+    """PMET shifts the attention and MLP outputs; every other record the block output, and
+    only a structured record may shift elsewhere (the other runners shift the block)."""
+    assert registry.method_record("pmet").sites == ("attn_out", "mlp_out")
+    assert all(r.sites == ("block_out",) for r in registry.RECORDS if r.name != "pmet")
+    with pytest.raises(ValueError, match=r"x: shifts at \('mlp_out',\) are structured-only"):
+        registry.MethodRecord(name="x", protocol="by_dataset", strategy="one_for_all",
+                              solver="memit", statistics="moment", paper="p",
+                              sequential_editor="m:f", sites=("mlp_out",))
+
+
 def test_every_record_has_its_flagfile_and_that_flagfile_selects_it():
     root = pathlib.Path(__file__).resolve().parents[1]
     for record in registry.RECORDS:

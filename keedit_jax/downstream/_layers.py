@@ -4,7 +4,9 @@ ote_se §3.0), written over any closed-form solver with optax's (init, update) s
 Layers are edited in increasing depth. Before layer i of L, the caller's `readout` recomputes,
 under the params edited so far, the keys at that layer and the output of the last edited layer
 at the lookup tokens; the layer then takes (targets − outputs) / (L − i), its share of what is
-still missing, so later layers see the earlier layers' changes (MEMIT's schedule).
+still missing, so later layers see the earlier layers' changes (MEMIT's schedule). A solver
+may bring its own share (`Solver.spread`: PMET's (targets − outputs) / √(L − i)) and the site
+its targets live at (`Solver.target_site`: PMET's are MLP outputs, not block outputs).
 """
 
 from __future__ import annotations
@@ -43,12 +45,19 @@ class Solver(NamedTuple):
     in-context keys to keep (zero rows are padding; AnyEdit / μKE, anyedit §2.4). kernel and
     preserve are passed by keyword only. Pure and jitted; check the report with `check_solve`.
     max_layers: the most layers one edit may span (ROME: 1); None for any number.
+    spread: (targets, outputs, index, n_layers) -> the residual [n, D] layer `index` of
+    n_layers is fitted to (default MEMIT's `spread_residual`).
+    target_site: the seam site (`keedit_jax.intervene.SITES`) of the last edited layer whose
+    optimised value the targets are and whose output the readout compares them with:
+    "block_out" (the residual stream, MEMIT) or "mlp_out" (the FFN output, PMET).
     """
 
     init: Callable[..., State]
     update: Callable[..., tuple[Array, State, SolveReport]]
     name: str
     max_layers: int | None = None
+    spread: Callable[[Array, Array, int, int], Array] | None = None
+    target_site: str = "block_out"
 
 
 def check_layer_count(solver: Solver, layers: Sequence[int]) -> None:
@@ -192,7 +201,7 @@ def edit_layers(params: Params, kernel_path: Path, solver: Solver,
     reports: dict[int, LayerReport] = {}
     for index, layer in enumerate(order):
         sites = readout(params, layer)
-        resid = spread_residual(targets, sites.outputs, index, len(order))
+        resid = (solver.spread or spread_residual)(targets, sites.outputs, index, len(order))
         kernel = get_path(params, kernel_path)[layer]
         delta, new_states[layer], report = solver.update(
             stats[layer], sites.keys, resid, states[layer], kernel=kernel,

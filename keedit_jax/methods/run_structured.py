@@ -69,14 +69,16 @@ ORGANISM_DATASETS = {"counterfact": "benchmarks/counterfact.json",
 
 def structured_config(method: str, flags: StructuredFlags,
                       n_layers: int) -> StructuredConfig | FinetuneConfig:
-    """The method's structured config: its registry record's solver, the flags' layers,
-    target step and solver hyperparameters, solved in --solve_dtype (a solver without flags
-    takes its defaults, but the dtype); a fine-tuning method's `FinetuneConfig`."""
+    """The method's structured config: its registry record's solver and shift sites, the
+    flags' layers, target step and solver hyperparameters, solved in --solve_dtype (a solver
+    without flags takes its defaults, but the dtype); a fine-tuning method's
+    `FinetuneConfig`."""
     layers = flags.layer_tuple
     target = TargetConfig(layer=layers[-1], v_loss_layer=n_layers - 1,
                           fact_token=flags.fact_token, v_num_grad_steps=flags.v_num_grad_steps,
                           v_lr=flags.v_lr, v_weight_decay=flags.v_weight_decay,
-                          clamp_norm_factor=flags.clamp_norm_factor, kl_factor=flags.kl_factor)
+                          clamp_norm_factor=flags.clamp_norm_factor, kl_factor=flags.kl_factor,
+                          sites=registry.method_record(method).sites)
     if registry.method_record(method).batch_editor:
         return FinetuneConfig(layers=layers, target=target, objective=OBJECTIVES[method],
                               steps=flags.ft_steps, lr=flags.ft_lr,

@@ -62,6 +62,15 @@ class StructuredConfig:
                              f"layer ({self.layers[-1]}), as in MEMIT (anchors §1)")
         downstream.check_layer_count(self.make_solver(), self.layers)
 
+    def target_index(self, solver: downstream.Solver | None = None) -> int:
+        """Which of the target step's shifts (one position: one per site) the solver inserts;
+        a ValueError when the target step does not shift that site."""
+        solver = solver or self.make_solver()
+        if solver.target_site not in self.target.sites:
+            raise ValueError(f"{solver.name} inserts targets at {solver.target_site}, which the "
+                             f"target step does not shift (sites {self.target.sites})")
+        return self.target.sites.index(solver.target_site)
+
     def make_solver(self) -> downstream.Solver:
         return registry.structured_solver_factory(self.solver)(self)
 
@@ -101,16 +110,18 @@ def lookup_rows(tokenizer: Any, requests: Sequence[Request], templates: Sequence
     return LookupRows(tokens, mask, lookup)
 
 
-@partial(jax.jit, static_argnames=("cfg", "key_layer", "out_layer"))
+@partial(jax.jit, static_argnames=("cfg", "key_layer", "out_layer", "out_site"))
 def read_sites(params: Params, cfg: ModelConfig, tokens: Array, mask: Array, key_layer: int,
-               out_layer: int, lookup: Array | None = None) -> tuple[Array, Array]:
+               out_layer: int, lookup: Array | None = None,
+               out_site: str = "block_out") -> tuple[Array, Array]:
     """In one forward: the MEMIT key (down-projection input) of `key_layer` and the output of
-    `out_layer`, at each row's lookup token ([N, F], [N, D]) or, without `lookup`, at every
-    position ([N, T, F], [N, T, D])."""
+    `out_layer` (its block output, or the seam site `out_site`: PMET reads the MLP output),
+    at each row's lookup token ([N, F], [N, D]) or, without `lookup`, at every position
+    ([N, T, F], [N, T, D])."""
     _, captures = run(params, cfg, tokens=tokens, attention_mask=mask,
                       stop=max(key_layer, out_layer) + 1,
-                      taps=Taps(mlp_key=(key_layer,), block_out=(out_layer,)))
-    keys, outputs = captures.mlp_key[key_layer], captures.block_out[out_layer]
+                      taps=Taps(**{"mlp_key": (key_layer,), out_site: (out_layer,)}))
+    keys, outputs = captures.mlp_key[key_layer], getattr(captures, out_site)[out_layer]
     if lookup is None:
         return keys, outputs
     rows = jnp.arange(tokens.shape[0])
@@ -128,7 +139,7 @@ def template_weights(n_templates: int) -> np.ndarray:
 
 @partial(jax.tree_util.register_dataclass,
          data_fields=["tokens", "mask", "lookup", "weights"],
-         meta_fields=["cfg", "last_layer"])
+         meta_fields=["cfg", "last_layer", "out_site"])
 @dataclasses.dataclass(frozen=True)
 class BatchReadout:
     """The readout of `downstream.edit_layers` for a batch: each layer's keys averaged over the
@@ -142,10 +153,11 @@ class BatchReadout:
     weights: Array  # [C] template weights
     cfg: ModelConfig
     last_layer: int
+    out_site: str = "block_out"  # where the last layer's outputs are read (Solver.target_site)
 
     def __call__(self, current: Params, layer: int) -> downstream.Readout:
         keys, outputs = read_sites(current, self.cfg, self.tokens, self.mask, layer,
-                                   self.last_layer, self.lookup)
+                                   self.last_layer, self.lookup, self.out_site)
         per_request = (keys.shape[0] // self.weights.shape[0], self.weights.shape[0])
         keys = jnp.einsum("ecf,c->ef", keys.reshape(*per_request, -1), self.weights)
         return downstream.Readout(keys=keys, outputs=outputs.reshape(*per_request, -1)[:, 0])
@@ -153,11 +165,11 @@ class BatchReadout:
 
 def batch_readout(cfg: ModelConfig, tokenizer: Any, requests: Sequence[Request],
                   templates: Sequence[str], fact_token: str, last_layer: int,
-                  pad_id: int = 0) -> BatchReadout:
+                  pad_id: int = 0, out_site: str = "block_out") -> BatchReadout:
     rows = lookup_rows(tokenizer, requests, templates, fact_token, pad_id)
     return BatchReadout(jnp.asarray(rows.tokens), jnp.asarray(rows.mask),
                         jnp.asarray(rows.lookup), jnp.asarray(template_weights(len(templates))),
-                        cfg, last_layer)
+                        cfg, last_layer, out_site)
 
 
 def edit_requests(params: Params, cfg: ModelConfig, tokenizer: Any,
@@ -179,18 +191,20 @@ def edit_requests(params: Params, cfg: ModelConfig, tokenizer: Any,
     if templates[0] != "{}":
         raise ValueError(f"the first context template must be the bare '{{}}' (the clean "
                          f"prompt MEMIT reads its outputs from), got {templates[0]!r}")
+    solver = solver or config.make_solver()
     encoded = encode_requests(tokenizer, requests, templates, config.target)
     result = optimise_shifts(params, cfg, encoded.batch, config.target)
     check_finite(result, encoded.case_ids)
     readout = batch_readout(cfg, tokenizer, requests, templates, config.target.fact_token,
-                            config.layers[-1], pad_id)
-    targets, refined = result.targets[:, 0], {}
+                            config.layers[-1], pad_id, solver.target_site)
+    column = config.target_index(solver)
+    targets, refined = result.targets[:, column], {}
     if refine is not None:
         targets, refined = refine(params, targets, encoded.batch, readout, states)
     params, states, reports = downstream.edit_layers(
-        params, down_proj_path(cfg), solver or config.make_solver(), stats, states,
+        params, down_proj_path(cfg), solver, stats, states,
         targets, readout, layers=config.layers, request_ids=[r.case_id for r in requests])
-    rows = edit_diagnostics(params, cfg, encoded, readout, result, targets, config)
+    rows = edit_diagnostics(params, cfg, encoded, readout, result, targets, config, column)
     for row, moved in zip(rows, refined["moved"], strict=True) if "moved" in refined else ():
         row["target_moved"] = moved  # MetaKE: ‖V − V⁽⁰⁾‖ / ‖δ‖
     diagnostics = {"requests": rows,
@@ -202,14 +216,15 @@ def edit_requests(params: Params, cfg: ModelConfig, tokenizer: Any,
 
 
 def edit_diagnostics(edited: Params, cfg: ModelConfig, encoded: Any, readout: BatchReadout,
-                     result: Any, targets: Array, config: StructuredConfig
+                     result: Any, targets: Array, config: StructuredConfig, column: int = 0
                      ) -> list[dict[str, Any]]:
     """Per request: the target optimisation's `shift_diagnostics`, then, under the edited
     weights alone, the target probability on the same prompts ("target_prob_edited") and
     the share of δ the last edited layer now realises at the lookup token ("realised":
-    ⟨h_edited − h, δ⟩/‖δ‖²; 1 when the solve wrote all of z, 0 when it changed nothing)."""
+    ⟨h_edited − h, δ⟩/‖δ‖²; 1 when the solve wrote all of z, 0 when it changed nothing), at
+    the site the solver inserts (the shift `column` of the target step: PMET's MLP output)."""
     rows = shift_diagnostics(result, config.target, encoded.case_ids)
-    h, delta = result.h[:, 0], targets - result.h[:, 0]
+    h, delta = result.h[:, column], targets - result.h[:, column]
     moved = readout(edited, config.layers[-1]).outputs - h
     realised = jnp.sum(moved * delta, -1) / jnp.maximum(jnp.sum(delta * delta, -1), 1e-30)
     prob = unshifted_target_prob(edited, cfg, encoded.batch, config.target)

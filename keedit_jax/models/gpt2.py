@@ -8,12 +8,15 @@ import jax.numpy as jnp
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.family import FamilyOps, Shapes, dense_shape, norm_shape
 from keedit_jax.models.layers import (
+    NO_SHIFTS,
     AttnInputs,
     BlockOut,
     KVCache,
+    SublayerShifts,
     activation,
     linear,
     norm,
+    plus,
     self_attention,
 )
 
@@ -44,15 +47,17 @@ def embed(cfg: ModelConfig, params: dict, tokens: Array, positions: Array) -> Ar
 
 
 def block(cfg: ModelConfig, lp: dict, h: Array, inputs: AttnInputs,
-          kv: KVCache | None) -> BlockOut:
+          kv: KVCache | None, adds: SublayerShifts = NO_SHIFTS) -> BlockOut:
     x = norm(cfg, h, lp["ln_1"])
     q, k, v = jnp.split(linear(x, lp["attn"]["c_attn"]), 3, axis=-1)
     attn, kv = self_attention(cfg, q, k, v, inputs, kv)
-    h = h + linear(attn, lp["attn"]["c_proj"])
+    attn_out = linear(attn, lp["attn"]["c_proj"])
+    h = h + plus(attn_out, adds.attn_out)  # the MLP reads the shifted attention output
     x = norm(cfg, h, lp["ln_2"])
     key = activation(cfg.activation, linear(x, lp["mlp"]["c_fc"]))
     out = linear(key, lp["mlp"]["c_proj"])
-    return BlockOut(hidden=h + out, mlp_key=key, mlp_out=out, kv=kv)
+    return BlockOut(hidden=h + plus(out, adds.mlp_out), mlp_key=key, mlp_out=out, kv=kv,
+                    attn_out=attn_out)
 
 
 def head(cfg: ModelConfig, params: dict, h: Array) -> Array:

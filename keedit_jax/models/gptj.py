@@ -7,12 +7,15 @@ import jax
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.family import FamilyOps, Shapes, dense_shape, norm_shape
 from keedit_jax.models.layers import (
+    NO_SHIFTS,
     AttnInputs,
     BlockOut,
     KVCache,
+    SublayerShifts,
     activation,
     linear,
     norm,
+    plus,
     self_attention,
 )
 
@@ -41,15 +44,18 @@ def embed(cfg: ModelConfig, params: dict, tokens: Array, positions: Array) -> Ar
 
 
 def block(cfg: ModelConfig, lp: dict, h: Array, inputs: AttnInputs,
-          kv: KVCache | None) -> BlockOut:
+          kv: KVCache | None, adds: SublayerShifts = NO_SHIFTS) -> BlockOut:
     x = norm(cfg, h, lp["ln_1"])
     ap = lp["attn"]
     attn, kv = self_attention(cfg, linear(x, ap["q_proj"]), linear(x, ap["k_proj"]),
                               linear(x, ap["v_proj"]), inputs, kv)
     key = activation(cfg.activation, linear(x, lp["mlp"]["fc_in"]))
     out = linear(key, lp["mlp"]["fc_out"])
-    return BlockOut(hidden=h + linear(attn, ap["out_proj"]) + out, mlp_key=key, mlp_out=out,
-                    kv=kv)
+    attn_out = linear(attn, ap["out_proj"])
+    # Parallel block: the MLP reads x, not the attention output, so a shift of either only
+    # enters the residual sum.
+    return BlockOut(hidden=h + plus(attn_out, adds.attn_out) + plus(out, adds.mlp_out),
+                    mlp_key=key, mlp_out=out, kv=kv, attn_out=attn_out)
 
 
 def head(cfg: ModelConfig, params: dict, h: Array) -> Array:

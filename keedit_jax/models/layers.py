@@ -41,13 +41,35 @@ class KVCache(NamedTuple):
 class BlockOut(NamedTuple):
     """One decoder block's result: the residual stream after it and the MEMIT sites inside it.
 
-    mlp_key is the down-projection input [B, T, F]; mlp_out its output [B, T, D].
+    mlp_key is the down-projection input [B, T, F]; mlp_out its output [B, T, D]; attn_out
+    the attention output projection's output [B, T, D] (PMET's MHSA site). mlp_out and
+    attn_out are what the weights compute, before `SublayerShifts` adds to them.
     """
 
     hidden: Array
     mlp_key: Array
     mlp_out: Array
     kv: KVCache | None
+    attn_out: Array | None = None
+
+
+class SublayerShifts(NamedTuple):
+    """Dense additions [B, T, D] to one block's attention output and MLP output (zero away
+    from the shifted positions), or None: the seam's shifts at the "attn_out" and "mlp_out"
+    sites (`keedit_jax.intervene.Shift`), applied inside the block so that whatever reads
+    the sublayer's output downstream (in a sequential block, the MLP reads the attention
+    output through the residual) sees the shifted value."""
+
+    attn_out: Array | None = None
+    mlp_out: Array | None = None
+
+
+NO_SHIFTS = SublayerShifts()
+
+
+def plus(x: Array, add: Array | None) -> Array:
+    """x + add (cast to x's dtype), or x itself when there is nothing to add."""
+    return x if add is None else x + add.astype(x.dtype)
 
 
 def linear(x: Array, p: Params) -> Array:

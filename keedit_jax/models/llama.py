@@ -11,12 +11,15 @@ import jax
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.family import FamilyOps, Shapes, dense_shape, norm_shape
 from keedit_jax.models.layers import (
+    NO_SHIFTS,
     AttnInputs,
     BlockOut,
     KVCache,
+    SublayerShifts,
     activation,
     linear,
     norm,
+    plus,
     self_attention,
 )
 
@@ -54,17 +57,19 @@ def embed(cfg: ModelConfig, params: dict, tokens: Array, positions: Array) -> Ar
 
 
 def block(cfg: ModelConfig, lp: dict, h: Array, inputs: AttnInputs,
-          kv: KVCache | None) -> BlockOut:
+          kv: KVCache | None, adds: SublayerShifts = NO_SHIFTS) -> BlockOut:
     attn_p = lp["self_attn"]
     x = norm(cfg, h, lp["input_layernorm"])
     attn, kv = self_attention(cfg, linear(x, attn_p["q_proj"]), linear(x, attn_p["k_proj"]),
                               linear(x, attn_p["v_proj"]), inputs, kv)
-    h = h + linear(attn, attn_p["o_proj"])
+    attn_out = linear(attn, attn_p["o_proj"])
+    h = h + plus(attn_out, adds.attn_out)  # the MLP reads the shifted attention output
     x = norm(cfg, h, lp["post_attention_layernorm"])
     mlp_p = lp["mlp"]
     key = activation(cfg.activation, linear(x, mlp_p["gate_proj"])) * linear(x, mlp_p["up_proj"])
     out = linear(key, mlp_p["down_proj"])
-    return BlockOut(hidden=h + out, mlp_key=key, mlp_out=out, kv=kv)
+    return BlockOut(hidden=h + plus(out, adds.mlp_out), mlp_key=key, mlp_out=out, kv=kv,
+                    attn_out=attn_out)
 
 
 def head(cfg: ModelConfig, params: dict, h: Array) -> Array:

@@ -12,9 +12,11 @@ import jax.numpy as jnp
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.family import get_family
 from keedit_jax.models.layers import (
+    NO_SHIFTS,
     AttnInputs,
     BlockOut,
     KVCache,
+    SublayerShifts,
     attention_mask,
     positions_from_mask,
     positions_in_segments,
@@ -50,10 +52,12 @@ def head(params: Params, cfg: ModelConfig, h_btd: Array) -> Array:
 
 
 def run_block(params: Params, cfg: ModelConfig, index: int | Array, h_btd: Array,
-              inputs: AttnInputs, kv: KVCache | None = None) -> BlockOut:
-    """Layer `index` alone: the only place a block is called (used by the loop and the seam)."""
+              inputs: AttnInputs, kv: KVCache | None = None,
+              adds: SublayerShifts = NO_SHIFTS) -> BlockOut:
+    """Layer `index` alone: the only place a block is called (used by the loop and the seam);
+    `adds` are the seam's shifts of its attention / MLP outputs."""
     layer_kv = None if kv is None else KVCache(kv.k[index], kv.v[index])
-    return get_family(cfg).block(cfg, layer(params, cfg, index), h_btd, inputs, layer_kv)
+    return get_family(cfg).block(cfg, layer(params, cfg, index), h_btd, inputs, layer_kv, adds)
 
 
 def run_layers(params: Params, cfg: ModelConfig, h_btd: Array, inputs: AttnInputs,

@@ -34,6 +34,11 @@ class TargetConfig:
         μKE / AnyEdit use 1e-2, muke §2.6).
       kl_prompt: the essence prompt, "{} is a" (anchors §1).
       prepend_space: give target_new a leading space when it lacks one (anchors §1).
+      sites: where at `layer` the shifts are added (`keedit_jax.intervene.SITES`), one shift
+        per site and position, optimised jointly; the result's shifts are site-major
+        (`ShiftResult.targets[:, i·P + p]`: site i, position p). MEMIT and every other method:
+        the block output alone; PMET (Li et al. 2024, "Optimizing TC hidden states"): the
+        attention output and the MLP output, each under its own weight decay and clamp.
     """
 
     layer: int = 8
@@ -47,8 +52,13 @@ class TargetConfig:
     early_stop_loss: float = 5e-2
     kl_prompt: str = "{} is a"
     prepend_space: bool = True
+    sites: tuple[str, ...] = ("block_out",)
 
     def __post_init__(self) -> None:
+        if not self.sites or len(set(self.sites)) != len(self.sites) or not set(
+                self.sites) <= {"block_out", "attn_out", "mlp_out"}:
+            raise ValueError(f"sites must be distinct, from block_out, attn_out, mlp_out; got "
+                             f"{self.sites}")
         if self.fact_token not in ("subject_last", "last"):
             raise ValueError(f"fact_token must be 'subject_last' or 'last', got "
                              f"{self.fact_token!r}")

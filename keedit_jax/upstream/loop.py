@@ -3,6 +3,9 @@
 Every upstream strategy optimises shifts δ [E, P, D] added to the output of layer l_WM at given
 positions, under the loss of `ShiftBatch` (per-token NLL weights + KL + weight decay); they
 differ only in the weights and in how many shifts there are (DESIGN "One edit, as data").
+With several `TargetConfig.sites` (PMET: attention and MLP outputs) each position carries one
+shift per site, δ [E, sites·P, D] site-major, and each shift has its own h, weight decay term
+and clamp radius, as the P shifts of one site do.
 
 Reference behaviour kept (anchors §1, muke §2.6):
 - loss = Σ w·NLL + kl_factor·KL + v_weight_decay·‖δ‖/‖h‖² (the norm of δ, not its square);
@@ -111,10 +114,17 @@ def read_log_probs(params: Params, cfg: ModelConfig, h_btd: Array, batch: ShiftB
     return log_probs(params, cfg, read(h_btd, _flat(batch.read_pos)))
 
 
-def shift_of(batch: ShiftBatch, delta_epd: Array, layer: int) -> Shift:
+def shift_of(batch: ShiftBatch, delta_epd: Array, layer: int, site: str = "block_out") -> Shift:
     """Edit e's δ is shared by all its sequences, each at its own positions (anchors §1)."""
     s = batch.tokens.shape[1]
-    return Shift(_flat(batch.shift_pos), jnp.repeat(delta_epd, s, axis=0), layer)
+    return Shift(_flat(batch.shift_pos), jnp.repeat(delta_epd, s, axis=0), layer, site)
+
+
+def shifts_of(batch: ShiftBatch, delta_epd: Array, hp: TargetConfig) -> tuple[Shift, ...]:
+    """One Shift per site of hp.sites from the site-major δ [E, sites·P, D]."""
+    parts = jnp.split(delta_epd, len(hp.sites), axis=1)
+    return tuple(shift_of(batch, part, hp.layer, site)
+                 for part, site in zip(parts, hp.sites, strict=True))
 
 
 def _kl_rows(logp_brv: Array, batch: ShiftBatch) -> Array:
@@ -175,15 +185,22 @@ def target_prob(weighted_nll_br: Array, weights_br: Array, e: int) -> Array:
 
 def prepare(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: TargetConfig,
             remat: bool = False) -> Problem:
-    """The prefix (layers below l_WM, run once), h and the unshifted KL reference."""
+    """The prefix (layers below l_WM, run once), h (each site's unshifted value at the shift
+    positions of sequence 0, site-major) and the unshifted KL reference."""
     mask = _flat(batch.attention_mask)
     prefix, _ = run(params, cfg, tokens=_flat(batch.tokens), attention_mask=mask,
                     stop=hp.layer, remat=remat)
     top, caps = run(params, cfg, attention_mask=mask, hidden=prefix, start=hp.layer,
-                    stop=hp.v_loss_layer + 1, taps=Taps(block_out=(hp.layer,)), remat=remat)
+                    stop=hp.v_loss_layer + 1, taps=Taps(**{site: (hp.layer,) for site in hp.sites}),
+                    remat=remat)
     e, s, t = batch.tokens.shape
-    first_etd = caps.block_out[hp.layer].reshape(e, s, t, -1)[:, 0]
-    h = jnp.take_along_axis(first_etd, batch.shift_pos[:, 0, :, None], axis=1)
+
+    def at_positions(site: str) -> Array:
+        first_etd = getattr(caps, site)[hp.layer].reshape(e, s, t, -1)[:, 0]
+        return jnp.take_along_axis(first_etd, batch.shift_pos[:, 0, :, None], axis=1)
+
+    parts = [at_positions(site) for site in hp.sites]
+    h = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
     kl_ref = _kl_rows(read_log_probs(params, cfg, top, batch), batch)
     return Problem(prefix, h.astype(jnp.float32), kl_ref)
 
@@ -193,7 +210,7 @@ def shifted_log_probs(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: T
     """Log-probs [E·S, R, V] at δ and the read positions: layers [l_WM, v_loss_layer] from
     the cached prefix, or every layer from the tokens when problem.prefix is None (the
     uncached reference, for benchmarks)."""
-    shifts = (shift_of(batch, delta_epd, hp.layer),)
+    shifts = shifts_of(batch, delta_epd, hp)
     mask = _flat(batch.attention_mask)
     if problem.prefix is None:
         top, _ = run(params, cfg, tokens=_flat(batch.tokens), attention_mask=mask,
@@ -219,7 +236,7 @@ def evaluate_shift(params: Params, cfg: ModelConfig, batch: ShiftBatch, delta_ep
     problem = prepare(params, cfg, batch, hp)
     mask = _flat(batch.attention_mask)
     top, _ = run(params, cfg, tokens=_flat(batch.tokens), attention_mask=mask,
-                 stop=hp.v_loss_layer + 1, shifts=(shift_of(batch, delta_epd, hp.layer),))
+                 stop=hp.v_loss_layer + 1, shifts=shifts_of(batch, delta_epd, hp))
     logp = read_log_probs(params, cfg, top, batch)
     return loss_terms(logp, problem.kl_ref, batch, delta_epd, problem.h, hp)
 
