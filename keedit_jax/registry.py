@@ -12,6 +12,9 @@ from typing import Any, Literal
 
 Protocol = Literal["by_dataset", "structured", "longform", "sequential"]
 Statistics = Literal["moment", "projector", "ote", "none"]
+# Where a structured edit takes its targets: one at the last edited layer, spread over the
+# layers (MEMIT), or one optimised at each edited layer's own output (BLUE).
+TargetSchedule = Literal["last_layer", "each_layer"]
 # The protocols that edit long-form texts (by_dataset: when the dataset is long form).
 LONGFORM_PROTOCOLS = ("by_dataset", "longform")
 
@@ -36,6 +39,9 @@ class MethodRecord:
     sites:             where the structured target step adds its shifts at the last edited
                        layer (`upstream.TargetConfig.sites`): the block output, or PMET's
                        attention and MLP outputs, optimised jointly.
+    targets:           the structured edit's `TargetSchedule`: "each_layer" is BLUE's, a
+                       target per edited layer and no residual distribution
+                       (`methods.structured.edit_each_layer`).
     The method's defaults are its flagfile, `configs/<name>.cfg` (`flagfile`)."""
 
     name: str
@@ -49,8 +55,12 @@ class MethodRecord:
     post_processing: bool = False
     batch_editor: str = ""
     sites: tuple[str, ...] = ("block_out",)
+    targets: TargetSchedule = "last_layer"
 
     def __post_init__(self) -> None:
+        if self.targets != "last_layer" and self.protocol != "structured":
+            raise ValueError(f"{self.name}: targets at each layer are structured-only (the "
+                             "long-form and sequential runners insert one target)")
         if self.sites != ("block_out",) and self.protocol != "structured":
             raise ValueError(f"{self.name}: shifts at {self.sites} are structured-only (the "
                              "long-form and sequential runners shift the block output)")
@@ -105,6 +115,14 @@ RECORDS = (
                  solver_factory="keedit_jax.downstream._pmet:structured_solver",
                  sites=("attn_out", "mlp_out"),
                  paper="Li et al. 2024, PMET: Precise Model Editing in a Transformer (AAAI)"),
+    MethodRecord(name="memit_blue", protocol="structured", solver="memit",
+                 statistics="moment", targets="each_layer",
+                 paper="Li et al. 2025, Rethinking Residual Distribution in Locate-then-Edit "
+                 "Model Editing (BLUE), on MEMIT"),
+    MethodRecord(name="alphaedit_blue", protocol="structured", solver="alphaedit",
+                 statistics="projector", targets="each_layer",
+                 paper="Li et al. 2025, Rethinking Residual Distribution in Locate-then-Edit "
+                 "Model Editing (BLUE), on AlphaEdit"),
     MethodRecord(name="ft_l", protocol="structured", solver="finetune", statistics="none",
                  batch_editor="keedit_jax.methods.finetune:finetune_requests",
                  paper="Meng et al. 2022 (ROME), the FT+L baseline: fine-tuning under an "

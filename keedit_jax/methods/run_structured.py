@@ -88,7 +88,7 @@ def structured_config(method: str, flags: StructuredFlags,
         memit=downstream.MemitHParams(mom2_update_weight=flags.mom2_update_weight,
                                       dtype=flags.solve_dtype),
         alphaedit=downstream.AlphaEditHParams(l2=flags.alphaedit_l2, dtype=flags.solve_dtype),
-        solve_dtype=flags.solve_dtype)
+        solve_dtype=flags.solve_dtype, targets=registry.method_record(method).targets)
 
 
 def stats_source(checkpoint: Path, flags: StructuredFlags, cache: Path) -> Path:

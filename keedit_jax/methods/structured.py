@@ -43,7 +43,9 @@ class StructuredConfig:
     """Which layers to edit and how: the target step, then one closed-form solver, named by
     its registry record's `solver` (built by the record's `solver_factory`). MEMIT and
     AlphaEdit read their own hparams field; any other solver reads `solver_hparams` (when
-    None, its default hyperparameters solved in `solve_dtype`)."""
+    None, its default hyperparameters solved in `solve_dtype`). `targets` is the record's
+    schedule (`registry.TargetSchedule`): one target at the last layer, spread (MEMIT), or
+    one per layer (BLUE, `edit_each_layer`)."""
 
     layers: tuple[int, ...]
     solver: str
@@ -52,6 +54,7 @@ class StructuredConfig:
     alphaedit: downstream.AlphaEditHParams = downstream.AlphaEditHParams()
     solver_hparams: Any = None
     solve_dtype: str = "float32"
+    targets: registry.TargetSchedule = "last_layer"
 
     def __post_init__(self) -> None:
         registry.structured_solver_factory(self.solver)  # ValueError naming the solvers
@@ -188,6 +191,9 @@ def edit_requests(params: Params, cfg: ModelConfig, tokenizer: Any,
     """
     for layer in config.layers:
         cfg.check_layer(layer, "edited layer")
+    if config.targets == "each_layer" and len(config.layers) > 1:
+        return edit_each_layer(params, cfg, tokenizer, requests, templates, stats, states,
+                               config, pad_id, solver, refine)
     if templates[0] != "{}":
         raise ValueError(f"the first context template must be the bare '{{}}' (the clean "
                          f"prompt MEMIT reads its outputs from), got {templates[0]!r}")
@@ -213,6 +219,33 @@ def edit_requests(params: Params, cfg: ModelConfig, tokenizer: Any,
                    "fitted": {layer: (r.keys, r.values) for layer, r in reports.items()},
                    "refined": refined}
     return params, states, diagnostics
+
+
+def edit_each_layer(params: Params, cfg: ModelConfig, tokenizer: Any,
+                    requests: Sequence[Request], templates: Sequence[str],
+                    stats: Mapping[int, Array], states: Mapping[int, Any],
+                    config: StructuredConfig, pad_id: int = 0,
+                    solver: downstream.Solver | None = None, refine: Any = None
+                    ) -> tuple[Params, dict[int, Any], dict[str, Any]]:
+    """BLUE (Li et al. 2025, "Rethinking Residual Distribution in Locate-then-Edit Model
+    Editing", the Boundary Layer UpdatE strategy): no residual distribution. Each edited layer,
+    in increasing depth, is a one-layer edit of its own: its target optimised at its own
+    output, on the model with the shallower layers already edited, and the whole residual
+    fitted there (R/1, where MEMIT gives layer i of L the share R/(L − i) of one target at the
+    last layer). The paper edits the two boundary layers of a MEMIT range ([4, 8] for 4..8 on
+    Llama3-8B); the flagfile names them. Diagnostics are the deepest layer's; the solve
+    residuals and fitted pairs are every layer's."""
+    states, relative, fitted = dict(states), {}, {}
+    for layer in config.layers:
+        one = dataclasses.replace(config, layers=(layer,), targets="last_layer",
+                                  target=dataclasses.replace(config.target, layer=layer))
+        params, new_states, diagnostics = edit_requests(
+            params, cfg, tokenizer, requests, templates, {layer: stats[layer]},
+            {layer: states[layer]}, one, pad_id, solver, refine)
+        states.update(new_states)
+        relative.update(diagnostics["relative_residual"])
+        fitted.update(diagnostics["fitted"])
+    return params, states, {**diagnostics, "relative_residual": relative, "fitted": fitted}
 
 
 def edit_diagnostics(edited: Params, cfg: ModelConfig, encoded: Any, readout: BatchReadout,
