@@ -30,7 +30,8 @@ OUT = Path("benchmarks/results/real_smollm2")
 SLUGS = {"μKE": "muke", "AnyEdit": "anyedit", "MEMIT": "memit", "AlphaEdit": "alphaedit",
          "UnKE": "unke", "AnyEdit*": "anyedit_star", "μKE*": "muke_star"}
 DATASETS = ("unkebench", "hallucination")
-COMPARISONS = (("μKE", "AnyEdit"), ("μKE*", "AnyEdit*"), ("μKE", "MEMIT"), ("μKE", "UnKE"))
+COMPARISONS = (("μKE", "AnyEdit"), ("μKE*", "AnyEdit*"), ("μKE", "MEMIT"), ("AnyEdit", "MEMIT"),
+               ("μKE", "AlphaEdit"), ("μKE", "UnKE"))
 METRICS = ("bleu_char", "bert_score", "rougeL_recall")
 GROUPS = ("Ori.", "Para.", "Sub")
 
