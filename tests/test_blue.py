@@ -19,24 +19,18 @@ import pytest
 from transformers import AutoTokenizer
 
 from keedit_jax import downstream, registry, testing
-from keedit_jax.data import Request
 from keedit_jax.flags import StructuredFlags
 from keedit_jax.methods.run_structured import structured_config
 from keedit_jax.methods.structured import StructuredConfig, edit_requests, lookup_rows, read_sites
 from keedit_jax.models import down_proj_path, get_path, set_path
-from keedit_jax.upstream import TargetConfig, compute_targets
-
-REQUESTS = [Request(case_id=f"r{i}", prompt=p, subject=s, target_new=t, target_true=tt)
-            for i, (p, s, t, tt) in enumerate([("{} was born in", "Alice", "Paris", "Rome"),
-                                               ("{} plays the", "Bob", "piano", "guitar")])]
-TARGET = TargetConfig(layer=1, v_loss_layer=2, v_lr=0.5, v_num_grad_steps=8,
-                      clamp_norm_factor=4.0, fact_token="subject_last")
+from keedit_jax.upstream import compute_targets
+from tests.test_structured import REQUESTS, TARGET
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_checkpoint, tiny_tokenizer_dir):
-    model = testing.cached_model(tiny_checkpoint("llama"))
-    return model.params, model.config, AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+def model(tiny_checkpoint, tiny_tokenizer_dir):
+    loaded = testing.cached_model(tiny_checkpoint("llama"))
+    return loaded.params, loaded.config, AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
 
 
 def edit(params, cfg, tok, targets):
@@ -58,8 +52,8 @@ def relative_gap(got, want, start):
     return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(start - want))
 
 
-def test_each_layer_reaches_its_own_target(setup):
-    params, cfg, tok = setup
+def test_each_layer_reaches_its_own_target(model):
+    params, cfg, tok = model
     edited, _, diag = edit(params, cfg, tok, "each_layer")
     path = down_proj_path(cfg)
     kernels = get_path(params, path)
@@ -76,8 +70,8 @@ def test_each_layer_reaches_its_own_target(setup):
     assert all(abs(row["realised"] - 1) < 1e-3 for row in diag["requests"])  # the deepest's
 
 
-def test_memits_spread_writes_another_first_layer(setup):
-    params, cfg, tok = setup
+def test_memits_spread_writes_another_first_layer(model):
+    params, cfg, tok = model
     blue, memit = (edit(params, cfg, tok, targets)[0] for targets in ("each_layer", "last_layer"))
     change = [get_path(p, down_proj_path(cfg))[0] - get_path(params, down_proj_path(cfg))[0]
               for p in (blue, memit)]
