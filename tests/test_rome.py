@@ -138,6 +138,7 @@ def test_the_command_line_refuses_what_rome_cannot_do(tmp_path, flags, message):
     assert not out.exists()
 
 
+@pytest.mark.slow  # 26 s (suite budget); the structured command line: test_api (MEMIT)
 def test_rome_on_the_organism_through_the_command_line(tmp_path):
     """configs/rome.cfg on 3 edits: every edit is made (efficacy was 0 before)."""
     out = tmp_path / "out"

@@ -101,7 +101,10 @@ def stopped_after_checkpoint(inputs, out: pathlib.Path, step: int, signum: int,
     return process.returncode, log.read_text()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+# Both signals take the same handler (keedit_jax.interrupts, tested alone there): SIGINT's
+# end-to-end run is slow-marked to keep the suite under 15 minutes.
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+                                    signal.SIGTERM])
 def test_ctrl_c_and_sigterm_end_a_stream_with_one_line_and_its_checkpoint(
         stream_inputs, tmp_path, signum):
     out = tmp_path / "out"
