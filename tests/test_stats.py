@@ -270,10 +270,10 @@ def test_positions_and_attention_restart_with_each_segment():
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(1, 40), min_size=1, max_size=60), st.integers(1, 4))
-def test_packing_keeps_every_document_once_in_order_and_fills_rows(lengths, rows):
+def test_packing_keeps_every_document_once_and_whole(lengths, rows):
     """Every document, packed (≤ 24 tokens) or bucketed (longer), appears exactly once, whole
-    and contiguous within one segment; packed rows hold ≤ 24 tokens; packed batches have
-    `rows` rows but the last, which may have fewer (a power of two)."""
+    and contiguous within one segment; packed batches have `rows` rows but the last, which may
+    have fewer (a power of two). How full the rows are: the next test."""
     docs = [[n * 100 + i for i in range(n)] for n in lengths]  # each document recognisable
     out = list(stats.length_batches(docs, batch_tokens=24 * rows, min_bucket=16,
                                     max_length=40, pack_length=24))
@@ -287,13 +287,9 @@ def test_packing_keeps_every_document_once_in_order_and_fills_rows(lengths, rows
     assert sorted(seen) == sorted(docs)
     packed = [b for b in out if b.tokens_bt.shape[1] == 24 and b.segments_bt.max() >= 1]
     assert all(b.tokens_bt.shape[0] == rows for b in packed[:-1])
-    short = sum(n for n in lengths if n <= 24)
-    if short:
+    if any(n <= 24 for n in lengths):  # some documents were packed
         last = packed[-1].tokens_bt.shape[0]
         assert last == rows or (last < rows and last & (last - 1) == 0)
-        # best fit: what is computed stays within one mostly empty row per batch plus the
-        # last batch's power-of-two rounding of the ideal packing
-        assert sum(b.segments_bt.size for b in packed) <= 2 * (short + 24 * len(packed))
 
 
 def test_packing_fills_rows_of_real_prose_lengths():

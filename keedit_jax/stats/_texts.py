@@ -141,9 +141,11 @@ def length_batches(sequences: Iterable[Sequence[int]], *, batch_tokens: int, min
     bucketing fills ~70-85%); longer documents, and all of them without it, are bucketed by
     length (`LengthBuckets`). Packed or bucketed, each document computes what it computes
     alone (`transformer.prompt_inputs`). Memory holds at most a few batches."""
-    row = None if pack_length is None else bucket_length(
-        min(pack_length, max_length), min_bucket=min_bucket, max_length=max_length)
-    packer = None if row is None else RowPacker(row, rows_per_batch(row, batch_tokens))
+    packer = None
+    if pack_length is not None:
+        row = bucket_length(min(pack_length, max_length), min_bucket=min_bucket,
+                            max_length=max_length)
+        packer = RowPacker(row, rows_per_batch(row, batch_tokens))
     buckets = LengthBuckets(batch_tokens=batch_tokens, min_bucket=min_bucket,
                             max_length=max_length)
     for ids in sequences:
@@ -209,9 +211,10 @@ class RowPacker:
     open_rows: list[list[Sequence[int]]] = dataclasses.field(default_factory=list)
 
     def add(self, ids: Sequence[int]) -> Iterator[TokenBatch]:
-        if self._best_fit(len(ids)) is None and len(self.open_rows) == 2 * self.rows:
-            yield self._emit(self.rows)
         best = self._best_fit(len(ids))
+        if best is None and len(self.open_rows) == 2 * self.rows:
+            yield self._emit(self.rows)
+            best = self._best_fit(len(ids))
         if best is None:
             self.open_rows.append([ids])
         else:
@@ -257,11 +260,6 @@ def pack_rows(rows_of_documents: Sequence[Sequence[Sequence[int]]], length: int,
 
 def pad_left(sequences: Sequence[Sequence[int]], length: int, rows: int,
              pad_id: int = 0) -> TokenBatch:
-    """Right-align each sequence in a [rows, length] batch; missing rows are all padding."""
-    tokens = np.full((rows, length), pad_id, np.int32)
-    segments = np.zeros((rows, length), np.int32)
-    for row, ids in enumerate(sequences):
-        if ids:
-            tokens[row, length - len(ids):] = ids
-            segments[row, length - len(ids):] = 1
-    return TokenBatch(tokens_bt=tokens, segments_bt=segments)
+    """Right-align each sequence in a [rows, length] batch (segment 1); missing rows are all
+    padding."""
+    return pack_rows([[ids] for ids in sequences], length, rows, pad_id)

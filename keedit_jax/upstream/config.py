@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from keedit_jax.intervene import SITES
+
 FactToken = Literal["subject_last", "last"]
 
 
@@ -56,8 +58,8 @@ class TargetConfig:
 
     def __post_init__(self) -> None:
         if not self.sites or len(set(self.sites)) != len(self.sites) or not set(
-                self.sites) <= {"block_out", "attn_out", "mlp_out"}:
-            raise ValueError(f"sites must be distinct, from block_out, attn_out, mlp_out; got "
+                self.sites) <= set(SITES):
+            raise ValueError(f"sites must be distinct, from {', '.join(SITES)}; got "
                              f"{self.sites}")
         if self.fact_token not in ("subject_last", "last"):
             raise ValueError(f"fact_token must be 'subject_last' or 'last', got "

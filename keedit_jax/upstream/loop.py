@@ -199,8 +199,7 @@ def prepare(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: TargetConfi
         first_etd = getattr(caps, site)[hp.layer].reshape(e, s, t, -1)[:, 0]
         return jnp.take_along_axis(first_etd, batch.shift_pos[:, 0, :, None], axis=1)
 
-    parts = [at_positions(site) for site in hp.sites]
-    h = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+    h = jnp.concatenate([at_positions(site) for site in hp.sites], axis=1)
     kl_ref = _kl_rows(read_log_probs(params, cfg, top, batch), batch)
     return Problem(prefix, h.astype(jnp.float32), kl_ref)
 
