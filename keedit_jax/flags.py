@@ -375,7 +375,8 @@ class SequentialFlags:
     checkpoint_dir: str = dataclasses.field(default="", metadata={
         "help": "Checkpoint directory of the stream; empty: <output_dir>/checkpoints."})
     resume: bool = dataclasses.field(default=True, metadata={
-        "help": "Continue from the latest checkpoint of this run (--noresume starts over)."})
+        "help": "Continue an interrupted run: a stream from its latest checkpoint, a long-form "
+                "run after the batches in its partial.json (--noresume starts over)."})
     post_processing: str = dataclasses.field(default="none", metadata={
         "help": "Post-processing of each update: none, prune or rect (ote_se §2.8)."})
     error_correction: bool = dataclasses.field(default=True, metadata={

@@ -38,7 +38,11 @@ from keedit_jax.models import (
 from keedit_jax.models.tokenizer import TokenizerMismatchError
 from keedit_jax.results import write_results
 from keedit_jax.stats import TextSourceError
-from keedit_jax.stream_checkpoint import CheckpointDamagedError, CheckpointMismatchError
+from keedit_jax.stream_checkpoint import (
+    CheckpointDamagedError,
+    CheckpointMismatchError,
+    PartialMismatchError,
+)
 from keedit_jax.upstream import EncodingError, NonFiniteShiftError
 
 run_flags.define_flags()
@@ -48,15 +52,15 @@ run_flags.define_flags()
 USER_ERRORS = (CheckpointError, ConfigError, gguf.GGUFError, TokenizerMismatchError, DatasetError,
                TextSourceError, EncodingError, SolveError, NonFiniteShiftError,
                CheckpointMismatchError, CheckpointDamagedError, parallel.MeshError,
-               FileNotFoundError, PermissionError, LayerError)
+               PartialMismatchError, FileNotFoundError, PermissionError, LayerError)
 
 
 def interrupted_line(signame: str, output: Path) -> str:
     """What was kept when a run is stopped: a sequential run resumes from its last checkpoint,
-    a one-time run's finished batches are in partial.json."""
+    a long-form run from partial.json, which holds any one-time run's finished batches."""
     return (f"interrupted by {signame}: the batch in progress is abandoned; finished work is in "
-            f"{output} (partial.json; a sequential run resumes from its last checkpoint when "
-            "the same command is run again)")
+            f"{output} (partial.json; the same command run again resumes a sequential run "
+            "from its last checkpoint and a long-form run after its finished batches)")
 
 
 def main(argv: list[str]) -> None:

@@ -26,7 +26,7 @@ logging.getLogger("absl").addFilter(
     lambda record: "orbax" not in record.pathname or record.levelno >= logging.WARNING)
 
 # Run settings that do not change what the stream computes: they may differ on resume.
-NOT_FINGERPRINTED = {"output_dir", "checkpoint_dir", "checkpoint_every", "resume"}
+NOT_FINGERPRINTED = {"output_dir", "overwrite", "checkpoint_dir", "checkpoint_every", "resume"}
 
 
 class CheckpointMismatchError(ValueError):
@@ -35,6 +35,10 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointDamagedError(ValueError):
     """A checkpoint directory none of whose steps can be read back."""
+
+
+class PartialMismatchError(ValueError):
+    """partial.json of an interrupted one-time run that this run cannot continue."""
 
 
 # What orbax and tensorstore raise on a step with missing, truncated or garbled files.

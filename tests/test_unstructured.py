@@ -13,10 +13,17 @@ import pytest
 
 from keedit_jax import downstream, upstream
 from keedit_jax.data import AlpacaRecord
-from keedit_jax.methods.run_unstructured import cached_row, preservation_contexts
+from keedit_jax.methods.run_unstructured import (
+    Progress,
+    cached_row,
+    preservation_contexts,
+    resumed_progress,
+    save_partial,
+)
 from keedit_jax.methods.structured import read_sites
 from keedit_jax.methods.unstructured import UnstructuredConfig, edit_longform, key_sites
 from keedit_jax.stats import StatsConfig, load_or_compute
+from keedit_jax.stream_checkpoint import PartialMismatchError
 from keedit_jax.upstream.longform import WindowConfig, encode_edits
 from tests.test_main import assert_clean_error, model_directory, run_main
 from tests.test_windowed import REQUESTS as WINDOWED_REQUESTS
@@ -245,6 +252,69 @@ def test_command_line_reports_bad_records_and_edits_the_rest(tmp_path, tiny_chec
     dataset.write_text(json.dumps(broken))
     assert_clean_error(run_main(*common, f"--output_dir={tmp_path / 'out2'}", cache=tmp_path),
                        str(dataset), "record 1", "answer")
+
+
+def test_partial_json_resumes_only_the_run_that_wrote_it(tmp_path):
+    settings = {"EditFlags": {"method": "muke", "edit_batch_size": 1},
+                "RunFlags": {"output_dir": "a", "overwrite": False, "seed": 0}}
+    defaults = {"EditFlags": {"method": "memit", "edit_batch_size": 1, "new_option": 3},
+                "RunFlags": {"output_dir": "", "overwrite": False, "seed": 0}}
+    path = tmp_path / "partial.json"
+    assert resumed_progress(path, settings, defaults, ["7", "9"], False) == Progress()
+    kept = Progress(post=[{"record": 0, "group": "Ori.", "answer": "x"}], seconds=[2.5],
+                    failed={"9": "too short"}, edited={0}, diagnostics=[{"case_id": 7}])
+    save_partial(tmp_path, [{"record": 0}], kept, settings, ["7", "9"])
+    moved = {**settings, "RunFlags": {"output_dir": "b", "overwrite": True, "seed": 0}}
+    assert resumed_progress(path, moved, defaults, ["7", "9"], False) == kept
+    newer = {**settings, "EditFlags": {**settings["EditFlags"], "new_option": 3}}
+    assert resumed_progress(path, newer, defaults, ["7", "9"], False) == kept  # at its default
+    other = {**settings, "RunFlags": {**settings["RunFlags"], "seed": 1}}
+    with pytest.raises(PartialMismatchError, match=r"RunFlags.seed: 0 -> 1.*--noresume"):
+        resumed_progress(path, other, defaults, ["7", "9"], False)
+    with pytest.raises(PartialMismatchError, match="other records"):
+        resumed_progress(path, settings, defaults, ["7", "8"], False)
+    with pytest.raises(PartialMismatchError, match="--sequential"):
+        resumed_progress(path, settings, defaults, ["7", "9"], True)
+    path.write_text(path.read_text()[:50])
+    with pytest.raises(PartialMismatchError, match=f"{path} holds no resumable run"):
+        resumed_progress(path, settings, defaults, ["7", "9"], False)
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_to_the_uninterrupted_results(tmp_path, tiny_checkpoint,
+                                                                 tiny_tokenizer_dir):
+    model = model_directory(tmp_path, tiny_checkpoint("llama"), tiny_tokenizer_dir)
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    dataset = tmp_path / "unke.json"
+    records = _unkebench("Hi.", REQUESTS[1].question)
+    dataset.write_text(json.dumps([records[0], records[2]]))
+    out = tmp_path / "out"
+    command = (f"--model={model}", "--method=muke", f"--dataset={dataset}",
+               "--dataset_format=unkebench", "--layers=0,1", "--window_size=6",
+               f"--stats_source={text}", "--stats_samples=16", "--max_new_tokens=8",
+               "--edit_batch_size=1", f"--output_dir={out}")
+    whole = run_main(*command, cache=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    expected = json.loads((out / "results.json").read_text())
+    # as if stopped after the first batch: partial.json holds record 0 alone
+    partial = json.loads((out / "partial.json").read_text())
+    partial["answers"] = {side: [r for r in rows if r["record"] == 0]
+                          for side, rows in partial["answers"].items()}
+    partial.update(edited=[0], seconds_per_batch=partial["seconds_per_batch"][:1],
+                   diagnostics=partial["diagnostics"][:1])
+    (out / "partial.json").write_text(json.dumps(partial))
+    (out / "results.json").unlink()
+    resumed = run_main(*command, cache=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "1 of 2 records already edited" in resumed.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["answers"] == expected["answers"]
+    assert results["table"] == expected["table"]
+    assert results["diagnostics"] == expected["diagnostics"]
+    assert len(results["seconds_per_batch"]) == 2
+    changed = run_main(*command, "--overwrite", "--window_size=5", cache=tmp_path)
+    assert_clean_error(changed, str(out / "partial.json"), "LongFormFlags.window_size: 6 -> 5")
 
 
 def test_affinities_are_cached_per_sample_and_a_corrupt_file_is_recomputed(tok, model,

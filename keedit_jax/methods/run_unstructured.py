@@ -70,6 +70,7 @@ from keedit_jax.models.generate import bucket, left_pad
 from keedit_jax.models.params import Params, down_proj_path
 from keedit_jax.models.tokenizer import encode_prompts, load_tokenizer, stop_token_ids
 from keedit_jax.organism.build import cache_root
+from keedit_jax.stream_checkpoint import PartialMismatchError, setting_changes
 from keedit_jax.upstream import EncodingError, TargetConfig
 from keedit_jax.upstream.longform import EncodedEdit, WindowConfig, encode_edits, pack_windows
 from keedit_jax.upstream.windowed import compute_affinities
@@ -477,15 +478,74 @@ def examples(records: Sequence[LongFormRecord], pre: Sequence[dict], post: Seque
 # ---------------------------------------------------------------- the run
 
 
-def save_partial(output: Path, pre: Sequence[dict], post: Sequence[dict],
-                 seconds: Sequence[float], failed: dict[Any, str],
-                 diagnostics: Sequence[dict]) -> None:
+@dataclasses.dataclass
+class Progress:
+    """What the finished batches of a run produced, kept in partial.json after each batch so
+    that the same command run again resumes after them (`resumed_progress`)."""
+
+    post: list[dict] = dataclasses.field(default_factory=list)
+    seconds: list[float] = dataclasses.field(default_factory=list)
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
+    edited: set[int] = dataclasses.field(default_factory=set)  # record indices
+    diagnostics: list[dict] = dataclasses.field(default_factory=list)
+
+    def finished(self, batch: Sequence[EncodedEdit], index: dict[Any, int]) -> bool:
+        """Whether every edit of the batch was edited or dropped by an earlier run."""
+        return all(index[x.case_id] in self.edited or str(x.case_id) in self.failed
+                   for x in batch)
+
+
+def save_partial(output: Path, pre: Sequence[dict], progress: Progress,
+                 settings: dict[str, Any], case_ids: Sequence[str]) -> None:
     """The edited records' scored answers and diagnostics so far, rewritten after each batch:
-    a long run stopped later keeps them (read as results.json's "answers" are)."""
+    a long run stopped later keeps them (read as results.json's "answers" are), with the
+    run's settings and records, which a resumed run must match."""
     atomic_write(output / "partial.json", json.dumps(
-        {"answers": {"pre": list(pre), "post": list(post)}, "seconds_per_batch": list(seconds),
-         "failed": {str(k): v for k, v in failed.items()}, "diagnostics": list(diagnostics)},
-        indent=1, default=str))
+        {"answers": {"pre": list(pre), "post": progress.post},
+         "seconds_per_batch": progress.seconds, "failed": progress.failed,
+         "diagnostics": progress.diagnostics, "edited": sorted(progress.edited),
+         "settings": settings, "case_ids": list(case_ids)}, indent=1, default=str))
+
+
+def resumed_progress(path: Path, settings: dict[str, Any], defaults: dict[str, Any],
+                     case_ids: Sequence[str], sequential: bool) -> Progress:
+    """The progress an interrupted run of the same settings and records left in `path`
+    (empty when there is none). Each edit of a one-time run starts from the unedited model
+    and draws its generation key from its batch, so resuming gives what one uninterrupted
+    run gives. Refused (PartialMismatchError, naming the file): a file that does not read,
+    other settings or records, and a --sequential run, whose edited weights are not kept."""
+    if not path.exists():
+        return Progress()
+    advice = "; use another --output_dir, or --noresume to start over in it"
+    try:
+        saved = json.loads(path.read_text())
+        post, edited = saved["answers"]["post"], saved["edited"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PartialMismatchError(f"{path} holds no resumable run ({type(err).__name__}: "
+                                   f"{err}){advice}") from err
+    changes = setting_changes(saved.get("settings", {}), settings, defaults)
+    if changes:
+        raise PartialMismatchError(f"{path} was written by a run with another configuration: "
+                                   + "; ".join(changes[:5]) + advice)
+    if saved.get("case_ids") != list(case_ids):
+        raise PartialMismatchError(f"{path} was written for other records of the dataset"
+                                   + advice)
+    if sequential:
+        raise PartialMismatchError(f"{path} is from a --sequential run, which keeps no "
+                                   "edited weights to continue from" + advice)
+    progress = Progress(post, saved["seconds_per_batch"], saved["failed"], set(edited),
+                        saved["diagnostics"])
+    logging.info("resuming from %s: %d of %d records already edited, %d failed", path,
+                 len(progress.edited), len(case_ids), len(progress.failed))
+    return progress
+
+
+def run_settings(configs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's settings by flag group, and their defaults, as a resumed run compares them."""
+    settings = {name: dataclasses.asdict(c) for name, c in configs.items()}
+    defaults = {name: {f.name: f.default for f in dataclasses.fields(c)}
+                for name, c in configs.items()}
+    return settings, defaults
 
 
 def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, Any]:
@@ -514,6 +574,12 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
     if not edits:
         raise EncodingError(f"none of the {len(records)} records can be edited: "
                             + "; ".join(failed.values()))
+    case_ids = [str(r.case_id) for r in records]
+    settings, defaults = run_settings(configs)
+    output = Path(run.output_dir)
+    progress = (resumed_progress(output / "partial.json", settings, defaults, case_ids,
+                                 edit.sequential)
+                if configs["SequentialFlags"].resume else Progress())
     prepared = PreparedLongForm.build(lm, tokenizer, config, structured, flags)
     from keedit_jax.eval.sentence_encoder import load_sentence_encoder  # noqa: PLC0415
 
@@ -528,36 +594,46 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
                                    run.max_new_tokens, flags.temperature, run.seed)
     sheets = FactSheets.for_dataset(dataset, records)
     pre = score(asked, pre_answers, embed, sheets)
-    post, seconds, current, edited_ids, diagnostics = [], [], params, set(), []
+    failed = {str(k): v for k, v in failed.items()} | progress.failed
+    current, edited = params, None
     for start in range(0, len(edits), edit.edit_batch_size):
         batch_edits = edits[start:start + edit.edit_batch_size]
+        if progress.finished(batch_edits, index):
+            continue
         began = time.perf_counter()
         # the cache holds affinities of the unedited model: sequential runs edit it
         result = prepared.apply(batch_edits, current, upfront_affinity=not edit.sequential)
         edited, dropped = result.params, result.report["failed"]
         jax.block_until_ready(edited)
-        seconds.append(time.perf_counter() - began)
+        progress.seconds.append(time.perf_counter() - began)
         failed.update(dropped)
         windows = result.report["diagnostics"].get("windows", [])
         log_windows(windows)
-        diagnostics += windows
+        progress.diagnostics += windows
         done = [index[x.case_id] for x in batch_edits if str(x.case_id) not in dropped]
-        edited_ids.update(done)
+        progress.edited.update(done)
         batch_asked = [q for q in asked if q.record in done]
         if batch_asked:
             answers = generate_answers(edited, cfg, tokenizer, batch_asked, run.max_new_tokens,
                                        flags.temperature, jax.random.fold_in(key, start + 1))
-            post += score(batch_asked, answers, embed, sheets)
+            progress.post += score(batch_asked, answers, embed, sheets)
         current = edited if edit.sequential else params
         logging.info("edited %d/%d (%.1f s for this batch of %d)", start + len(batch_edits),
-                     len(edits), seconds[-1], len(batch_edits))
-        save_partial(Path(run.output_dir), [row for row in pre if row["record"] in edited_ids],
-                     post, seconds, failed, diagnostics)
+                     len(edits), progress.seconds[-1], len(batch_edits))
+        progress.failed = failed
+        save_partial(output, [row for row in pre if row["record"] in progress.edited],
+                     progress, settings, case_ids)
         interrupts.raise_pending()
+    post, seconds, edited_ids = progress.post, progress.seconds, progress.edited
+    diagnostics = progress.diagnostics
     if config.solver != "unke" and (edit.sequential or len(edits) <= edit.edit_batch_size):
         # the run's one edited model (UnKE's regression changes whole layers: not written)
-        save_edited_layers(Path(run.output_dir) / EDITED_LAYERS, edited, down_proj_path(cfg),
-                           config.layers)
+        if edited is None:
+            logging.warning("the one edit batch was finished by an earlier run: its edited "
+                            "layers are not written")
+        else:
+            save_edited_layers(output / EDITED_LAYERS, edited, down_proj_path(cfg),
+                               config.layers)
     pre_means = group_means(pre, records, edited_ids)
     post_means = group_means(post, records, edited_ids)
     steady = seconds[1:] or seconds
@@ -567,8 +643,7 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
             "table": rows,
             "verdicts": verdicts(rows) + ([window_verdict(diagnostics)] if diagnostics else []),
             "examples": examples(records, pre, post), "pre": pre_means, "post": post_means,
-            "failed": {str(k): v for k, v in failed.items()},
-            "case_ids": [str(r.case_id) for r in records],
+            "failed": failed, "case_ids": case_ids,
             "seconds_per_batch": seconds,
             "seconds_per_edit_steady": float(np.mean(steady)) / edit.edit_batch_size
             if seconds else None,
