@@ -20,6 +20,7 @@ from keedit_jax.data import read_context_templates
 from keedit_jax.eval.sentence_encoder import ENCODER_NAMES
 from keedit_jax.methods import unstructured
 from keedit_jax.methods.finetune import FinetuneConfig
+from keedit_jax.methods.grace import GraceConfig
 from keedit_jax.methods.metake import MetaKEConfig
 from keedit_jax.models import gguf
 from keedit_jax.organism.build import ORGANISM_SIZES
@@ -220,6 +221,10 @@ class StructuredFlags:
     ft_norm_constraint: float = mirror(
         FinetuneConfig, "norm_constraint",
         "FT-L/FT-M: ε of the bound ‖W − W₀‖∞ ≤ ε on the fine-tuned weights (0: none).")
+    grace_epsilon: float = mirror(
+        GraceConfig, "epsilon", "GRACE: ε_init, the deferral radius of a new codebook key.")
+    grace_lr: float = mirror(GraceConfig, "lr", "GRACE: SGD's learning rate on the values.")
+    grace_steps: int = mirror(GraceConfig, "steps", "GRACE: SGD steps on each batch's values.")
     solve_dtype: str = mirror(
         downstream.MemitHParams, "dtype",
         "Precision of the closed-form solves of every structured, long-form and "

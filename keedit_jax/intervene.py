@@ -14,6 +14,12 @@ mlp_key/mlp_out are read; at attn_out or mlp_out it is added to that sublayer's 
 the block (`models.layers.SublayerShifts`), so what reads that output downstream sees it (a
 Llama or GPT-2 MLP reads the shifted attention output; GPT-J's parallel MLP does not). A tap
 at attn_out / mlp_out reads what the weights compute there, before that site's own shift.
+
+A replacement, GRACE's codebook (`Codebook`, Hartvigsen et al. 2023), is data too: keys at a
+layer's mlp_key, values that replace its mlp_out where a key is within its deferral radius.
+It belongs to the edited model rather than to one call (it must act in every evaluation and
+in generation), so it travels in the parameter tree (`with_codebook`) and the layer loop hands
+it to its block as an argument (`models.layers.SublayerShifts.mlp_codebook`), never a hook.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from keedit_jax.models.config import ModelConfig
-from keedit_jax.models.layers import SublayerShifts
+from keedit_jax.models.layers import CODEBOOK, Codebook, SublayerShifts
 from keedit_jax.models.params import Params
 from keedit_jax.models.transformer import embed, head, prompt_inputs, run_block, run_layers
 
@@ -150,6 +156,11 @@ def _validate(cfg: ModelConfig, start: int, stop: int, shifts: tuple[Shift, ...]
                          "and site into one")
     if taps.logits and stop != cfg.n_layers:
         raise ValueError(f"logits need the run to reach the last layer (stop={stop})")
+
+
+def with_codebook(params: Params, book: Codebook) -> Params:
+    """The model `params` with GRACE's `book` at its layer (a new tree; params unchanged)."""
+    return {**params, CODEBOOK: book}
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: Array, attention_mask: Array) -> Array:

@@ -130,6 +130,10 @@ RECORDS = (
     MethodRecord(name="ft_m", protocol="structured", solver="finetune", statistics="none",
                  batch_editor="keedit_jax.methods.finetune:finetune_requests",
                  paper="Zhang et al. 2024, A Comprehensive Study of Knowledge Editing, FT-M"),
+    MethodRecord(name="grace", protocol="structured", solver="grace", statistics="none",
+                 batch_editor="keedit_jax.methods.grace:grace_requests",
+                 paper="Hartvigsen et al. 2023, Aging with GRACE: Lifelong Model Editing "
+                 "with Discrete Key-Value Adaptors (NeurIPS)"),
     MethodRecord(name="unke", protocol="longform", strategy="one_for_all", solver="unke",
                  statistics="moment", paper="Deng et al. 2025, UnKE"),
     MethodRecord(name="anyedit", protocol="longform", strategy="window", solver="memit",

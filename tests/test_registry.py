@@ -46,7 +46,7 @@ def test_a_structured_solver_without_a_factory_or_with_two_is_refused():
 
 def test_batch_editors_resolve_and_claim_no_solver_or_statistics():
     editors = [r for r in registry.RECORDS if r.batch_editor]
-    assert {r.name for r in editors} == {"ft_l", "ft_m"}
+    assert {r.name for r in editors} == {"ft_l", "ft_m", "grace"}
     assert all(callable(registry.load_factory(r.batch_editor)) for r in editors)
     plain = {"name": "x", "protocol": "structured", "solver": "s", "paper": "p",
              "batch_editor": "a:f"}

@@ -40,6 +40,7 @@ from keedit_jax.eval.structured import (
 from keedit_jax.files import atomic_write, staged_file
 from keedit_jax.flags import DataFlags, EditFlags, ModelFlags, RunFlags, StructuredFlags
 from keedit_jax.methods.finetune import OBJECTIVES, FinetuneConfig
+from keedit_jax.methods.grace import GraceConfig
 from keedit_jax.methods.structured import StructuredConfig
 from keedit_jax.models import GenerationConfig, LoadedModel, generate, load_model
 from keedit_jax.models.params import Params, down_proj_path, get_path
@@ -68,17 +69,20 @@ ORGANISM_DATASETS = {"counterfact": "benchmarks/counterfact.json",
 
 
 def structured_config(method: str, flags: StructuredFlags,
-                      n_layers: int) -> StructuredConfig | FinetuneConfig:
+                      n_layers: int) -> StructuredConfig | FinetuneConfig | GraceConfig:
     """The method's structured config: its registry record's solver and shift sites, the
     flags' layers, target step and solver hyperparameters, solved in --solve_dtype (a solver
     without flags takes its defaults, but the dtype); a fine-tuning method's
-    `FinetuneConfig`."""
+    `FinetuneConfig`; GRACE's `GraceConfig`."""
     layers = flags.layer_tuple
     target = TargetConfig(layer=layers[-1], v_loss_layer=n_layers - 1,
                           fact_token=flags.fact_token, v_num_grad_steps=flags.v_num_grad_steps,
                           v_lr=flags.v_lr, v_weight_decay=flags.v_weight_decay,
                           clamp_norm_factor=flags.clamp_norm_factor, kl_factor=flags.kl_factor,
                           sites=registry.method_record(method).sites)
+    if registry.method_record(method).solver == "grace":
+        return GraceConfig(layers=layers, target=target, epsilon=flags.grace_epsilon,
+                           lr=flags.grace_lr, steps=flags.grace_steps)
     if registry.method_record(method).batch_editor:
         return FinetuneConfig(layers=layers, target=target, objective=OBJECTIVES[method],
                               steps=flags.ft_steps, lr=flags.ft_lr,

@@ -18,7 +18,7 @@ import numpy as np
 
 from keedit_jax import parallel
 from keedit_jax.models.config import ModelConfig
-from keedit_jax.models.layers import AttnInputs, KVCache, attention_mask
+from keedit_jax.models.layers import CODEBOOK, AttnInputs, KVCache, attention_mask
 from keedit_jax.models.params import Params
 from keedit_jax.models.transformer import embed, head, prompt_inputs, run_layers
 
@@ -194,4 +194,5 @@ def _generate_recompute(params: Params, cfg: ModelConfig, tokens_bt: Array, mask
 
 
 def params_dtype(params: Params) -> jnp.dtype:
-    return jax.tree.leaves(params)[0].dtype
+    """The model's dtype (a GRACE codebook's float32 keys are not the model's)."""
+    return jax.tree.leaves({k: v for k, v in params.items() if k != CODEBOOK})[0].dtype

@@ -17,6 +17,7 @@ from keedit_jax.models.layers import (
     linear,
     norm,
     plus,
+    routed_mlp_out,
     self_attention,
 )
 
@@ -56,8 +57,8 @@ def block(cfg: ModelConfig, lp: dict, h: Array, inputs: AttnInputs,
     x = norm(cfg, h, lp["ln_2"])
     key = activation(cfg.activation, linear(x, lp["mlp"]["c_fc"]))
     out = linear(key, lp["mlp"]["c_proj"])
-    return BlockOut(hidden=h + plus(out, adds.mlp_out), mlp_key=key, mlp_out=out, kv=kv,
-                    attn_out=attn_out)
+    return BlockOut(hidden=h + plus(routed_mlp_out(adds, key, out), adds.mlp_out),
+                    mlp_key=key, mlp_out=out, kv=kv, attn_out=attn_out)
 
 
 def head(cfg: ModelConfig, params: dict, h: Array) -> Array:

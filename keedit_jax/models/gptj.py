@@ -16,6 +16,7 @@ from keedit_jax.models.layers import (
     linear,
     norm,
     plus,
+    routed_mlp_out,
     self_attention,
 )
 
@@ -54,7 +55,8 @@ def block(cfg: ModelConfig, lp: dict, h: Array, inputs: AttnInputs,
     attn_out = linear(attn, ap["out_proj"])
     # Parallel block: the MLP reads x, not the attention output, so a shift of either only
     # enters the residual sum.
-    return BlockOut(hidden=h + plus(attn_out, adds.attn_out) + plus(out, adds.mlp_out),
+    return BlockOut(hidden=h + plus(attn_out, adds.attn_out)
+                    + plus(routed_mlp_out(adds, key, out), adds.mlp_out),
                     mlp_key=key, mlp_out=out, kv=kv, attn_out=attn_out)
 
 

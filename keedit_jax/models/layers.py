@@ -7,6 +7,7 @@ Kernels are [d_in, d_out], so a projection is ``x @ kernel``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -53,15 +54,78 @@ class BlockOut(NamedTuple):
     attn_out: Array | None = None
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Codebook:
+    """GRACE's discrete key-value adaptor at one layer's MLP output (Hartvigsen et al. 2023,
+    "Aging with GRACE", §2: a codebook of keys, values and deferral radii ε at layer l).
+
+    The adapted layer is the down projection: a key lives at its input (the seam's mlp_key
+    site, [F]) and a value replaces its output (mlp_out, [D]). Capacity N is fixed, so adding
+    entries changes no shape (no recompilation); `used` marks the filled slots. `labels`
+    (an id of each entry's target) is read by codebook maintenance only, never by the lookup.
+    A GRACE-edited model is its parameter tree with the codebook under `CODEBOOK`
+    (`keedit_jax.intervene.with_codebook`), so every path that runs the model applies it.
+    """
+
+    keys: Array  # [N, F] float32
+    values: Array  # [N, D]
+    radii: Array  # [N] float32, the deferral radii ε
+    used: Array  # [N] bool
+    labels: Array  # [N] int32
+    layer: int = dataclasses.field(metadata={"static": True})
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[0]
+
+
+# Where a GRACE-edited parameter tree holds its Codebook.
+CODEBOOK = "grace_codebook"
+
+
+def codebook_of(params: Params) -> Codebook | None:
+    """The parameter tree's GRACE codebook, or None for a plain model."""
+    return params.get(CODEBOOK)
+
+
+def codebook_lookup(book: Codebook, query_btf: Array) -> tuple[Array, Array]:
+    """GRACE's deferral rule (§2) at every position: the nearest used key i* by Euclidean
+    distance and whether the query lies within its radius, d(h, k_i*) ≤ ε_i* (closed, so the
+    radius an edit expands to, ε = d, covers that edit). Returns (i* [B, T] int32, hit
+    [B, T] bool)."""
+    q = query_btf.astype(jnp.float32)
+    keys = book.keys.astype(jnp.float32)
+    cross = jnp.einsum("btf,nf->btn", q, keys, precision=jax.lax.Precision.HIGHEST)
+    sq = jnp.sum(q * q, -1)[..., None] - 2 * cross + jnp.sum(keys * keys, -1)
+    sq = jnp.where(book.used, jnp.maximum(sq, 0.0), jnp.inf)
+    nearest = jnp.argmin(sq, axis=-1).astype(jnp.int32)
+    distance = jnp.sqrt(jnp.take_along_axis(sq, nearest[..., None], -1)[..., 0])
+    return nearest, distance <= book.radii[nearest]
+
+
+def routed_mlp_out(adds: SublayerShifts, key_btf: Array, out_btd: Array) -> Array:
+    """The MLP output after the block's codebook, if any: the value of the nearest key where
+    the down-projection input lies inside its radius, the layer's own output elsewhere (the
+    deferral: those positions compute exactly what the unedited block computes)."""
+    if adds.mlp_codebook is None:
+        return out_btd
+    nearest, hit = codebook_lookup(adds.mlp_codebook, key_btf)
+    value = adds.mlp_codebook.values[nearest].astype(out_btd.dtype)
+    return jnp.where(hit[..., None], value, out_btd)
+
+
 class SublayerShifts(NamedTuple):
     """Dense additions [B, T, D] to one block's attention output and MLP output (zero away
     from the shifted positions), or None: the seam's shifts at the "attn_out" and "mlp_out"
     sites (`keedit_jax.intervene.Shift`), applied inside the block so that whatever reads
     the sublayer's output downstream (in a sequential block, the MLP reads the attention
-    output through the residual) sees the shifted value."""
+    output through the residual) sees the shifted value. `mlp_codebook`: GRACE's codebook
+    of this layer, replacing the MLP output where a key is hit (before the mlp_out shift)."""
 
     attn_out: Array | None = None
     mlp_out: Array | None = None
+    mlp_codebook: Codebook | None = None
 
 
 NO_SHIFTS = SublayerShifts()

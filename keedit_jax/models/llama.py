@@ -20,6 +20,7 @@ from keedit_jax.models.layers import (
     linear,
     norm,
     plus,
+    routed_mlp_out,
     self_attention,
 )
 
@@ -68,8 +69,8 @@ def block(cfg: ModelConfig, lp: dict, h: Array, inputs: AttnInputs,
     mlp_p = lp["mlp"]
     key = activation(cfg.activation, linear(x, mlp_p["gate_proj"])) * linear(x, mlp_p["up_proj"])
     out = linear(key, mlp_p["down_proj"])
-    return BlockOut(hidden=h + plus(out, adds.mlp_out), mlp_key=key, mlp_out=out, kv=kv,
-                    attn_out=attn_out)
+    return BlockOut(hidden=h + plus(routed_mlp_out(adds, key, out), adds.mlp_out),
+                    mlp_key=key, mlp_out=out, kv=kv, attn_out=attn_out)
 
 
 def head(cfg: ModelConfig, params: dict, h: Array) -> Array:

@@ -18,6 +18,7 @@ from keedit_jax.models.layers import (
     KVCache,
     SublayerShifts,
     attention_mask,
+    codebook_of,
     positions_from_mask,
     positions_in_segments,
 )
@@ -55,9 +56,21 @@ def run_block(params: Params, cfg: ModelConfig, index: int | Array, h_btd: Array
               inputs: AttnInputs, kv: KVCache | None = None,
               adds: SublayerShifts = NO_SHIFTS) -> BlockOut:
     """Layer `index` alone: the only place a block is called (used by the loop and the seam);
-    `adds` are the seam's shifts of its attention / MLP outputs."""
+    `adds` are the seam's shifts of its attention / MLP outputs. A static `index` that is the
+    layer of the parameter tree's GRACE codebook also gets the codebook (`run_layers` gives
+    that layer a static index)."""
+    book = codebook_of(params)
+    if book is not None and isinstance(index, int) and index == book.layer:
+        adds = adds._replace(mlp_codebook=book)
     layer_kv = None if kv is None else KVCache(kv.k[index], kv.v[index])
     return get_family(cfg).block(cfg, layer(params, cfg, index), h_btd, inputs, layer_kv, adds)
+
+
+def _stored(cache: KVCache | None, index: int | Array, out: BlockOut) -> KVCache | None:
+    """The cache with layer `index`'s slice replaced by what its block wrote."""
+    if cache is None:
+        return None
+    return KVCache(cache.k.at[index].set(out.kv.k), cache.v.at[index].set(out.kv.v))
 
 
 def run_layers(params: Params, cfg: ModelConfig, h_btd: Array, inputs: AttnInputs,
@@ -68,17 +81,22 @@ def run_layers(params: Params, cfg: ModelConfig, h_btd: Array, inputs: AttnInput
     Under differentiation the loop body saves only matmul outputs: without a policy the
     backward would keep a copy of every layer's weight slice (~10 GB for Llama-3-8B in bf16,
     benchmarks/README.md). `remat` saves nothing and recomputes each block in the backward,
-    for gradients through many layers of a large model at ~10% more time.
+    for gradients through many layers of a large model at ~10% more time. A GRACE codebook
+    in `params` splits the loop around its layer, which runs alone with the codebook.
     """
+    book = codebook_of(params)
+    if book is not None and start <= book.layer < stop:
+        h_btd, kv = run_layers(params, cfg, h_btd, inputs, start, book.layer, kv, remat)
+        out = run_block(params, cfg, book.layer, h_btd, inputs, kv)
+        return run_layers(params, cfg, out.hidden, inputs, book.layer + 1, stop,
+                          _stored(kv, book.layer, out), remat)
     if stop <= start:
         return h_btd, kv
 
     def body(i: Array, carry: tuple[Array, KVCache | None]) -> tuple[Array, KVCache | None]:
         h, cache = carry
         out = run_block(params, cfg, i, h, inputs, cache)
-        if cache is not None:
-            cache = KVCache(cache.k.at[i].set(out.kv.k), cache.v.at[i].set(out.kv.v))
-        return out.hidden, cache
+        return out.hidden, _stored(cache, i, out)
 
     policies = jax.checkpoint_policies
     policy = policies.nothing_saveable if remat else policies.dots_with_no_batch_dims_saveable
