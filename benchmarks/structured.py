@@ -1,4 +1,4 @@
-"""MEMIT, AlphaEdit, PMET and BLUE on the organism: 100 CounterFact edits at batch sizes 1, 10, 100.
+"""MEMIT, AlphaEdit, PMET, BLUE and GRACE on the organism: 100 CounterFact edits at batch sizes 1, 10, 100.
 
 Each run is the command line itself (`configs/<method>.cfg` with `--edit_batch_size`), so the
 table measures what a user runs. Per-edit time is the steady state: the first batch, which
@@ -19,7 +19,7 @@ from pathlib import Path
 from keedit_jax.results import markdown_table
 
 OUT = Path("benchmarks/results/structured_organism")
-METHODS = ("memit", "alphaedit", "pmet", "memit_blue", "alphaedit_blue")
+METHODS = ("memit", "alphaedit", "pmet", "memit_blue", "alphaedit_blue", "grace")
 BATCH_SIZES = (1, 10, 100)
 METRICS = {"efficacy": "rewrite_success", "generalisation": "paraphrase_success",
            "specificity": "neighborhood_success", "fluency": "ngram_entropy"}

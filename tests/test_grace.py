@@ -7,6 +7,10 @@ on hand cases; after an edit the target is the model's prediction."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
+import subprocess
+import sys
 from functools import partial
 
 import jax
@@ -181,3 +185,19 @@ def test_after_an_edit_the_target_is_predicted_and_no_weight_moves(model, tok):
     with pytest.raises(ValueError, match="--fact_token=subject_last"):
         dataclasses.replace(config, target=dataclasses.replace(target,
                                                                fact_token="subject_last"))
+
+
+@pytest.mark.slow
+def test_the_flagfile_runs_on_the_organism(tmp_path):
+    """configs/grace.cfg through the command line: every edit lands, no weight moves."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "keedit_jax.main",
+                             "--flagfile=configs/grace.cfg", "--num_edits=4",
+                             "--edit_batch_size=2", "--max_new_tokens=2",
+                             f"--output_dir={tmp_path}"], cwd=root, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["post"]["rewrite_success"][0] == 100
+    assert {r["op"] for r in results["diagnostics"]["requests"]} == {"add"}
+    assert results["diagnostics"]["summary"]["weight_change"] == 0
