@@ -1,4 +1,5 @@
-"""MEMIT, AlphaEdit, PMET, BLUE and GRACE on the organism: 100 CounterFact edits at batch sizes 1, 10, 100.
+"""MEMIT, AlphaEdit, PMET, BLUE and GRACE on the organism: 100 CounterFact edits at batch
+sizes 1, 10, 100.
 
 Each run is the command line itself (`configs/<method>.cfg` with `--edit_batch_size`), so the
 table measures what a user runs. Per-edit time is the steady state: the first batch, which
