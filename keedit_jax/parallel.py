@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from keedit_jax.models.config import ModelConfig
-from keedit_jax.models.params import Params, abstract_params
+from keedit_jax.models.params import Params, abstract_params, to_device
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -217,11 +217,11 @@ def batch_multiple() -> int:
 
 
 def put(array: np.ndarray, spec: P) -> jax.Array:
-    """A host array on the active mesh laid out by `spec` (plain jnp.asarray without one).
+    """A host array on the active mesh laid out by `spec` (`to_device` without one).
     Every process must pass the same array: each device takes its own block from it."""
     mesh = active_mesh()
     if mesh is None:
-        return jax.numpy.asarray(array)
+        return to_device(array)
     array = np.asarray(array)
     return jax.make_array_from_callback(array.shape, NamedSharding(mesh, spec),
                                         lambda index: array[index])

@@ -313,7 +313,11 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_results(tmp_path, tiny_
     assert results["table"] == expected["table"]
     assert results["diagnostics"] == expected["diagnostics"]
     assert len(results["seconds_per_batch"]) == 2
-    changed = run_main(*command, "--overwrite", "--window_size=5", cache=tmp_path)
+    again = run_main(*command, "--overwrite", cache=tmp_path)  # a finished run: all again
+    assert again.returncode == 0 and "resuming" not in again.stderr, again.stderr
+    assert json.loads((out / "results.json").read_text())["answers"] == expected["answers"]
+    (out / "results.json").unlink()
+    changed = run_main(*command, "--window_size=5", cache=tmp_path)
     assert_clean_error(changed, str(out / "partial.json"), "LongFormFlags.window_size: 6 -> 5")
 
 

@@ -34,14 +34,13 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from keedit_jax.data.general import GeneralExample
 from keedit_jax.eval.structured import _next_token_scores_jit
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.generate import GenerationConfig, bucket, generate, left_pad
-from keedit_jax.models.params import Params
+from keedit_jax.models.params import Params, to_device
 from keedit_jax.models.tokenizer import encode_prompts, stop_token_ids
 
 INVALID = -1
@@ -218,8 +217,8 @@ def held_out_batches(tokenizer: Any, texts: Sequence[str], *, max_tokens: int = 
 def _batch_scores(params: Params, cfg: ModelConfig,
                   batch: TokenBatch) -> tuple[np.ndarray, np.ndarray]:
     """log P(next token) and argmax [B, T-1] of one batch (teacher-forced)."""
-    logprobs, argmax = _next_token_scores_jit(params, cfg, jnp.asarray(batch.tokens),
-                                              jnp.asarray(batch.mask))
+    logprobs, argmax = _next_token_scores_jit(params, cfg, to_device(batch.tokens),
+                                              to_device(batch.mask))
     return np.asarray(logprobs, np.float64), np.asarray(argmax)
 
 

@@ -42,7 +42,7 @@ from keedit_jax.models.checkpoint import (
 )
 from keedit_jax.models.config import ConfigError, read_hf_config
 from keedit_jax.models.layers import activation, attend, layer_norm, linear
-from keedit_jax.models.params import get_path
+from keedit_jax.models.params import get_path, to_device
 from keedit_jax.models.tokenizer import load_tokenizer
 
 Array = jax.Array
@@ -207,7 +207,7 @@ def load_bert_params(cfg: BertConfig, directory: Path, dtype: np.dtype) -> Param
 
     read_tensors(files, rules, resolve,
                  lambda raw: raw.removeprefix("bert.").startswith(_IGNORED_PREFIXES), write)
-    return jax.tree.map(jnp.asarray, buffers)
+    return jax.tree.map(to_device, buffers)
 
 
 def _is_shape(node: Any) -> bool:

@@ -52,7 +52,7 @@ from keedit_jax.data.zsre import ZsreRecord
 from keedit_jax.intervene import forward
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.generate import bucket, left_pad
-from keedit_jax.models.params import Params
+from keedit_jax.models.params import Params, to_device
 
 # ---------------------------------------------------------------- teacher-forced scores
 
@@ -97,7 +97,7 @@ def _score_chunk(params: Params, cfg: ModelConfig, rows: Sequence[tuple[list[int
     sequences = [prompt + target for prompt, target in rows]
     length = bucket(max(map(len, sequences)), min_length)
     tokens, mask = left_pad(sequences, length, bucket(len(rows)), pad_id)
-    picked, argmax = _next_token_scores_jit(params, cfg, jnp.asarray(tokens), jnp.asarray(mask))
+    picked, argmax = _next_token_scores_jit(params, cfg, to_device(tokens), to_device(mask))
     picked, argmax = parallel.to_host((picked, argmax))
     out = []
     for r, (_, target) in enumerate(rows):

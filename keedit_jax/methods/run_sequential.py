@@ -75,7 +75,7 @@ from keedit_jax.methods.run_structured import (
     unedited_neighbours,
 )
 from keedit_jax.models.checkpoint import export_gguf
-from keedit_jax.models.params import Params, down_proj_path, get_path, set_layers
+from keedit_jax.models.params import Params, down_proj_path, get_path, set_layers, to_device
 from keedit_jax.plots import CURVE_METRICS, plot_curves
 from keedit_jax.registry import RECORDS, load_factory
 from keedit_jax.stream_checkpoint import StreamCheckpoints, run_fingerprint
@@ -203,7 +203,7 @@ def forget_pairs(params: Params, states: dict[int, Any], stats: Mapping[int, jax
     states = dict(states)
     for layer, (old_keys, old_values) in pairs.items():
         kernel = get_path(params, path)[layer]
-        k_o, v_o = jnp.asarray(old_keys), jnp.asarray(old_values)
+        k_o, v_o = to_device(old_keys), to_device(old_values)
         empty_k, empty_v = jnp.zeros((0, k_o.shape[1])), jnp.zeros((0, v_o.shape[1]))
         system = mom2_update_weight * stats[layer] + states[layer].key_gram
         delta, _ = downstream.resolve_conflicts(system, kernel, empty_k, empty_v, k_o, v_o)

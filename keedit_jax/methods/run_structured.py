@@ -43,7 +43,7 @@ from keedit_jax.methods.finetune import OBJECTIVES, FinetuneConfig
 from keedit_jax.methods.grace import GraceConfig
 from keedit_jax.methods.structured import StructuredConfig
 from keedit_jax.models import GenerationConfig, LoadedModel, generate, load_model
-from keedit_jax.models.params import Params, down_proj_path, get_path
+from keedit_jax.models.params import Params, down_proj_path, get_path, to_device
 from keedit_jax.models.tokenizer import encode_prompts, load_tokenizer, stop_token_ids
 from keedit_jax.organism.build import cache_root
 from keedit_jax.stats import (
@@ -121,7 +121,7 @@ def solver_statistics(moments: Mapping[int, Any], kind: str,
         return out
     for layer, moment in moments.items():
         c = jnp.asarray(moment.mean(), jnp.float32)
-        p = jnp.asarray(null_space_projector(moment, threshold)) if kind != "moment" else None
+        p = to_device(null_space_projector(moment, threshold)) if kind != "moment" else None
         out[layer] = {"moment": c, "projector": p,
                       "ote": downstream.OteStats(moment=c, projector=p)}[kind]
     return out

@@ -67,7 +67,7 @@ from keedit_jax.methods.run_structured import (
 from keedit_jax.methods.unstructured import METHOD_PARTS, UnstructuredConfig
 from keedit_jax.models import GenerationConfig, generate, load_model
 from keedit_jax.models.generate import bucket, left_pad
-from keedit_jax.models.params import Params, down_proj_path
+from keedit_jax.models.params import Params, down_proj_path, to_device
 from keedit_jax.models.tokenizer import encode_prompts, load_tokenizer, stop_token_ids
 from keedit_jax.organism.build import cache_root
 from keedit_jax.stream_checkpoint import PartialMismatchError, setting_changes
@@ -181,7 +181,7 @@ def cached_affinities(params: Params, cfg: Any, edits: Sequence[EncodedEdit], ba
     padded = np.ones((len(edits), n, n), np.float32)
     for i, row in enumerate(rows):
         padded[i, : len(row), : len(row)] = row
-    return jnp.asarray(padded)
+    return to_device(padded)
 
 
 def batch_affinity(params: Params, cfg: Any, edits: Sequence[EncodedEdit],
@@ -220,7 +220,7 @@ def preservation_contexts(tokenizer: Any, pool: Sequence[AlpacaRecord], n: int,
     rows = [p + tokenizer(r.output, add_special_tokens=False)["input_ids"]
             for p, r in zip(prompts, chosen, strict=True)]
     tokens, mask = left_pad(rows, bucket(max(map(len, rows)), 8), len(rows), pad_id)
-    return downstream.Contexts(jnp.asarray(tokens), jnp.asarray(mask))
+    return downstream.Contexts(to_device(tokens), to_device(mask))
 
 
 def alpaca_pool(checkpoint: Path, flags: LongFormFlags) -> list[AlpacaRecord]:
@@ -577,9 +577,10 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
     case_ids = [str(r.case_id) for r in records]
     settings, defaults = run_settings(configs)
     output = Path(run.output_dir)
+    # results.json marks a finished run, which --overwrite (checked before) runs again whole
+    interrupted = configs["SequentialFlags"].resume and not (output / "results.json").exists()
     progress = (resumed_progress(output / "partial.json", settings, defaults, case_ids,
-                                 edit.sequential)
-                if configs["SequentialFlags"].resume else Progress())
+                                 edit.sequential) if interrupted else Progress())
     prepared = PreparedLongForm.build(lm, tokenizer, config, structured, flags)
     from keedit_jax.eval.sentence_encoder import load_sentence_encoder  # noqa: PLC0415
 

@@ -24,7 +24,7 @@ from keedit_jax.data import Request
 from keedit_jax.intervene import Taps, run
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.generate import bucket
-from keedit_jax.models.params import Params, down_proj_path
+from keedit_jax.models.params import Params, down_proj_path, to_device
 from keedit_jax.upstream import (
     TargetConfig,
     check_finite,
@@ -170,8 +170,8 @@ def batch_readout(cfg: ModelConfig, tokenizer: Any, requests: Sequence[Request],
                   templates: Sequence[str], fact_token: str, last_layer: int,
                   pad_id: int = 0, out_site: str = "block_out") -> BatchReadout:
     rows = lookup_rows(tokenizer, requests, templates, fact_token, pad_id)
-    return BatchReadout(jnp.asarray(rows.tokens), jnp.asarray(rows.mask),
-                        jnp.asarray(rows.lookup), jnp.asarray(template_weights(len(templates))),
+    return BatchReadout(to_device(rows.tokens), to_device(rows.mask),
+                        to_device(rows.lookup), to_device(template_weights(len(templates))),
                         cfg, last_layer, out_site)
 
 

@@ -34,7 +34,7 @@ from keedit_jax import downstream, parallel, registry
 from keedit_jax.methods.structured import read_sites
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.generate import bucket, left_pad
-from keedit_jax.models.params import Params, down_proj_path
+from keedit_jax.models.params import Params, down_proj_path, to_device
 from keedit_jax.upstream import TargetConfig
 from keedit_jax.upstream.longform import EncodedEdit, WindowBatch, WindowConfig, pack_windows
 from keedit_jax.upstream.windowed import (
@@ -124,7 +124,7 @@ def closed_form_readout(cfg: ModelConfig, sites: KeySites, out_layer: int,
                                            out_layer)
         kept = None
         if preserve:
-            kept = jnp.where(jnp.asarray(others)[..., None], keys, 0.0)
+            kept = jnp.where(to_device(others)[..., None], keys, 0.0)
             kept = kept.reshape(-1, keys.shape[-1])
         return downstream.Readout(keys=keys[rows, columns], outputs=outputs[rows, columns],
                                   preserve=kept)
@@ -174,16 +174,16 @@ def _update(params: Params, cfg: ModelConfig, edits: Sequence[EncodedEdit], targ
             raise ValueError("UnKE's regression needs preservation contexts (Alpaca samples)")
         params, _ = downstream.unke_edit(
             params, cfg, layers=config.layers,
-            edit=downstream.Contexts(jnp.asarray(sites.tokens), jnp.asarray(sites.mask)),
-            positions=jnp.asarray(sites.positions), valid=jnp.asarray(sites.valid),
-            targets=jnp.asarray(targets), preserve=preservation, hparams=config.unke,
+            edit=downstream.Contexts(to_device(sites.tokens), to_device(sites.mask)),
+            positions=to_device(sites.positions), valid=to_device(sites.valid),
+            targets=to_device(targets), preserve=preservation, hparams=config.unke,
             request_ids=ids)
         return params, {}
     solver = registry.structured_solver_factory(config.solver)(config)
     readout = closed_form_readout(cfg, sites, config.layers[-1],
                                   config.in_context_preservation and not config.one_for_all)
     states = downstream.init_states(solver, config.layers, cfg.d_ff, cfg.d_model)
-    flat_targets = jnp.asarray(targets[np.nonzero(sites.valid)])
+    flat_targets = to_device(targets[np.nonzero(sites.valid)])
     params, _, reports = downstream.edit_layers(
         params, down_proj_path(cfg), solver, stats, states, flat_targets, readout,
         layers=config.layers, request_ids=ids)
@@ -208,7 +208,7 @@ def window_diagnostics(params: Params, edited: Params, cfg: ModelConfig, batch: 
     "the update did not carry them" (One-for-All has one window: the whole target)."""
     hp = config.target
     _, before = window_readings(params, cfg, batch, hp)
-    _, with_delta = window_readings(params, cfg, batch, hp, jnp.asarray(result.delta))
+    _, with_delta = window_readings(params, cfg, batch, hp, to_device(result.delta))
     h_edited, after = window_readings(edited, cfg, batch, hp)
     before, with_delta, h_edited, after = parallel.to_host(
         (before, with_delta, h_edited, after))

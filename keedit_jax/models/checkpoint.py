@@ -32,7 +32,7 @@ from keedit_jax.files import staged_directory
 from keedit_jax.models import gguf
 from keedit_jax.models.config import ModelConfig, config_from_hf, read_hf_config
 from keedit_jax.models.family import get_family
-from keedit_jax.models.params import Params, abstract_params, get_path
+from keedit_jax.models.params import Params, abstract_params, get_path, to_device
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -266,9 +266,9 @@ def _read_params(cfg: ModelConfig, files: list[Path], dtype: np.dtype,
 
         flat = {}
         for path, leaf in _flat_abstract(cfg).items():
-            if shardings is None:  # uncommitted, as jnp.asarray: free to join any mesh later
+            if shardings is None:  # uncommitted: free to join any mesh later
                 whole = tuple(slice(None) for _ in leaf.shape)
-                flat[path] = jnp.asarray(block(path, whole).astype(dtype, copy=False))
+                flat[path] = to_device(block(path, whole).astype(dtype, copy=False))
                 continue
             flat[path] = jax.make_array_from_callback(
                 leaf.shape, get_path(shardings, path),

@@ -21,6 +21,13 @@ Params = dict[str, Any]
 Path = tuple[str, ...]
 
 
+def to_device(array: Any) -> Array:
+    """A host (NumPy) array on the default device, uncommitted as jnp.asarray's result: in jax
+    0.10 jnp.asarray of a NumPy array compiles an identity program (`lax.stage`) for every new
+    shape, 30-90 of them in a short run, where device_put compiles none."""
+    return jax.device_put(array)
+
+
 def _is_shape(x: Any) -> bool:
     return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
 

@@ -26,7 +26,7 @@ from keedit_jax.eval.text_metrics import rouge_l, sentence_bleu
 from keedit_jax.intervene import forward_jit
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.generate import GenerationConfig, bucket, generate
-from keedit_jax.models.params import Params
+from keedit_jax.models.params import Params, to_device
 from keedit_jax.models.tokenizer import encode_prompts
 from keedit_jax.organism import lexicon
 from keedit_jax.organism.world import PERSON_RELATIONS, World
@@ -122,10 +122,10 @@ def _object_log_probs(organism: Organism, rows: Sequence[tuple[list[int], list[i
         for r, (prompt, obj) in enumerate(batch):
             tokens[r, : len(prompt) + len(obj)] = prompt + obj
             target[r, len(prompt): len(prompt) + len(obj)] = 1.0
-        logits = forward_jit(organism.params, organism.cfg, jnp.asarray(tokens),
-                             jnp.asarray((tokens != PAD_ID).astype(np.int32)))
+        logits = forward_jit(organism.params, organism.cfg, to_device(tokens),
+                             to_device((tokens != PAD_ID).astype(np.int32)))
         log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-        picked = jnp.take_along_axis(log_probs, jnp.asarray(tokens[:, 1:, None]), -1)[..., 0]
+        picked = jnp.take_along_axis(log_probs, to_device(tokens[:, 1:, None]), -1)[..., 0]
         out.append(np.asarray(jnp.sum(picked * target[:, 1:], axis=1))[: len(batch)])
     return np.concatenate(out)
 
