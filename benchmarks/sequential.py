@@ -7,7 +7,7 @@ the final table evaluates every edit on the final model (with fluency). The time
 comes from the same runs (the first, which compiles, left out).
 
 Run:      python -m benchmarks.sequential                 (about 1 hour on 2 cores)
-          python -m benchmarks.sequential --editors memit_seq,lyaplock
+          python -m benchmarks.sequential --editors MEMIT-seq,LyapLock
 Summary:  python -m benchmarks.sequential --summary_only  (from the recorded results)
 """
 
@@ -36,6 +36,7 @@ EDITORS = {  # label -> flagfile
     "RECT (no correction)": "configs/sequential/rect_no_correction.cfg",
     "Memorize-the-latest": "configs/memorize_latest.cfg",
     "MetaKE": "configs/metake.cfg",
+    "SPHERE": "configs/sphere.cfg",
 }
 COLUMNS = ("efficacy", "generalisation", "specificity", "fluency", "perplexity",
            "top1_agreement")

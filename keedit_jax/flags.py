@@ -404,6 +404,13 @@ class SequentialFlags:
         downstream.LyapLockHParams, "control", "LyapLock's V, the weight of the editing losses.")
     lyaplock_drift: float = mirror(
         downstream.LyapLockHParams, "drift", "LyapLock's b in the queue update.")
+    sphere_cumulative_ratio: float = mirror(
+        downstream.SphereHParams, "cumulative_ratio",
+        "SPHERE's η: the principal directions are the fewest whose eigenvalues reach this "
+        "share of the total (0: AlphaEdit).")
+    sphere_suppression: float = mirror(
+        downstream.SphereHParams, "suppression",
+        "SPHERE's α: the share of each update's component along them removed (1: all).")
     general_tasks: str = dataclasses.field(default="", metadata={
         "help": "Directory with the GLUE-style task files (sst2.json, mrpc.json, ...)."})
     general_task_names: str = dataclasses.field(default="sst2,mrpc,cola,rte,nli,mmlu", metadata={
@@ -421,6 +428,8 @@ class SequentialFlags:
             "eval_every": AT_LEAST_1, "checkpoint_every": AT_LEAST_1,
             "general_tests": AT_LEAST_1, "drift_samples": AT_LEAST_1,
             "correction_ridge": NON_NEGATIVE, "lyaplock_alpha": POSITIVE})
+        downstream.SphereHParams(cumulative_ratio=self.sphere_cumulative_ratio,
+                                 suppression=self.sphere_suppression)
         if self.post_processing not in downstream.POST_PROCESSING:
             raise ValueError(f"--post_processing={self.post_processing!r}: one of "
                              f"{', '.join(downstream.POST_PROCESSING)}")

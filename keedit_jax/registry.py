@@ -160,6 +160,10 @@ RECORDS = (
     MethodRecord(name="metake", protocol="sequential", solver="alphaedit",
                  statistics="projector", sequential_editor=f"{_SEQ}:alphaedit_editor",
                  paper="MetaKE: meta-learned targets on AlphaEdit"),
+    MethodRecord(name="sphere", protocol="sequential", solver="sphere",
+                 statistics="projector", sequential_editor=f"{_SEQ}:sphere_editor",
+                 paper="Liu et al. 2026, Energy-Regularized Sequential Model Editing on "
+                 "Hyperspheres (SPHERE), on AlphaEdit"),
 )
 METHODS: dict[str, MethodRecord] = {record.name: record for record in RECORDS}
 

@@ -1,5 +1,6 @@
 """Downstream: weight solvers and their carried state (DESIGN.md, STYLE §4): closed form
-(MEMIT, AlphaEdit, with optional in-context preservation keys) or gradient (UnKE).
+(MEMIT, AlphaEdit, with optional in-context preservation keys) or gradient (UnKE), and
+SPHERE's sparse projection of a solver's update.
 
 Orientation: kernels are [d_in, d_out], so the down-projection kernel is W [F, D], keys are
 rows [n, F] and residuals rows [n, D]; the papers' W [D, F] is our Wᵀ (see `_linalg`).
@@ -66,6 +67,12 @@ from keedit_jax.downstream._ote import (
     rect,
     resolve_conflicts,
 )
+from keedit_jax.downstream._sphere import (
+    SphereHParams,
+    SphereState,
+    sparse_projector,
+    sphere,
+)
 from keedit_jax.downstream._unke import (
     Contexts,
     NonFiniteRegressionError,
@@ -105,6 +112,8 @@ __all__ = [
     "SolveError",
     "SolveReport",
     "Solver",
+    "SphereHParams",
+    "SphereState",
     "UnkeHParams",
     "UnkeLayerReport",
     "add_layer_delta",
@@ -124,6 +133,8 @@ __all__ = [
     "memit_update",
     "relative_residual",
     "solve_dtype",
+    "sparse_projector",
+    "sphere",
     "spread_residual",
     "unke_edit",
 ]

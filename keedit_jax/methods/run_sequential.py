@@ -20,6 +20,7 @@ A killed run started again with the same flags resumes at its last checkpoint (s
 | memorize_latest | Eq. 32: fit [K₀ \\| K_t] only, forgetting earlier batches (§3.6) |
 | lyaplock | the virtual-queue solve (lyaplock §2.5-2.6) |
 | metake | AlphaEdit with its key cache, targets refined by `methods.metake` first |
+| sphere | AlphaEdit with its key cache, each ΔW projected by SPHERE's P⊥ = I − αUUᵀ |
 
 `memit` with --post_processing=rect is naive RECT (per batch); with prune, naive PRUNE: one
 log-compression of W_T − W₀ against σ_max(W₀) after the last batch (§3.5).
@@ -107,13 +108,23 @@ def lyaplock_editor(method: str, structured: StructuredFlags, seq: SequentialFla
 def alphaedit_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
                      metake: MetaKEFlags) -> Editor:
     """AlphaEdit with its key cache; MetaKE refines its targets through the same solve."""
-    meta = None if method == "alphaedit" else MetaKEConfig(
+    meta = MetaKEConfig(
         steps=metake.metake_steps, meta_lr=metake.metake_lr, gate=metake.metake_gate,
-        feedback=metake.metake_feedback)
+        feedback=metake.metake_feedback) if method == "metake" else None
     hparams = downstream.AlphaEditHParams(l2=structured.alphaedit_l2,
                                           use_key_cache=seq.alphaedit_key_cache,
                                           dtype=structured.solve_dtype)
     return Editor(downstream.alphaedit(hparams), "projector", metake=meta, hparams=hparams)
+
+
+def sphere_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
+                  metake: MetaKEFlags) -> Editor:
+    """AlphaEdit's editor with every update projected off the pretrained weights' principal
+    directions (`downstream._sphere`)."""
+    base = alphaedit_editor(method, structured, seq, metake)
+    sparse = downstream.SphereHParams(cumulative_ratio=seq.sphere_cumulative_ratio,
+                                      suppression=seq.sphere_suppression)
+    return dataclasses.replace(base, solver=downstream.sphere(base.solver, sparse))
 
 
 def aligned_alphaedit_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
