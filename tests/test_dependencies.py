@@ -13,8 +13,9 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Declared for what the library needs but never imports by name: jaxlib is jax's backend.
-NOT_IMPORTED = {"jaxlib"}
+# Declared for what the library needs but never imports by name: jaxlib is jax's backend,
+# flatbuffers what jax.export serializes with.
+NOT_IMPORTED = {"jaxlib", "flatbuffers"}
 
 
 def _names(requirements: list[str]) -> set[str]:

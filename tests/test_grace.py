@@ -201,3 +201,23 @@ def test_the_flagfile_runs_on_the_organism(tmp_path):
     assert results["post"]["rewrite_success"][0] == 100
     assert {r["op"] for r in results["diagnostics"]["requests"]} == {"add"}
     assert results["diagnostics"]["summary"]["weight_change"] == 0
+
+
+def test_the_edited_layers_file_holds_the_codebook_that_is_the_edit(model, tmp_path):
+    from safetensors import safe_open
+
+    from keedit_jax.methods.run_structured import save_edited_layers
+    from keedit_jax.models.params import down_proj_path, get_path
+
+    keys, values = np.eye(4, model.config.d_ff), np.full((4, model.config.d_model), 0.5)
+    book = _book(keys, np.arange(4.0), np.array([True, True, False, True]), values)
+    path = down_proj_path(model.config)
+    file = save_edited_layers(tmp_path / "edited.safetensors", with_codebook(model.params, book),
+                              path, (LAYER,))
+    with safe_open(file, "np") as saved:
+        assert saved.metadata()["grace_layer"] == str(LAYER)
+        for name in ("keys", "values", "radii", "used", "labels"):
+            np.testing.assert_array_equal(saved.get_tensor(f"grace_{name}"),
+                                          np.asarray(getattr(book, name)))
+        np.testing.assert_array_equal(saved.get_tensor(f"layer_{LAYER}"),  # unchanged kernel
+                                      np.asarray(get_path(model.params, path)[LAYER]))

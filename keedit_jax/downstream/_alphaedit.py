@@ -35,6 +35,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from keedit_jax.compile_cache import exported_jit
 from keedit_jax.downstream._linalg import SolveDtype, SolveReport, make_report, solve_dtype
 from keedit_jax.downstream._memit import batch_gram
 
@@ -78,7 +79,7 @@ def alphaedit_system(projector: Array, keys: Array, state: AlphaEditState,
     return p @ m + hparams.l2 * jnp.eye(p.shape[0], dtype=dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("hparams",))
+@functools.partial(exported_jit, static_argnames=("hparams",))
 def alphaedit_update(projector: Array, keys: Array, resid: Array, state: AlphaEditState,
                      hparams: AlphaEditHParams, preserve: Array | None = None
                      ) -> tuple[Array, AlphaEditState, SolveReport]:

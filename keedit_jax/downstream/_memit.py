@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import cho_factor, cho_solve
 
+from keedit_jax.compile_cache import exported_jit
 from keedit_jax.downstream._linalg import SolveDtype, SolveReport, make_report, solve_dtype
 
 Array = jax.Array
@@ -85,7 +86,7 @@ def memit_system(mom2: Array, keys: Array, state: MemitState, hparams: MemitHPar
             + batch_gram(keys, preserve, dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("hparams",))
+@functools.partial(exported_jit, static_argnames=("hparams",))
 def memit_update(mom2: Array, keys: Array, resid: Array, state: MemitState,
                  hparams: MemitHParams, preserve: Array | None = None
                  ) -> tuple[Array, MemitState, SolveReport]:

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from keedit_jax.compile_cache import exported_jit
 from keedit_jax.models.checkpoint import (
     HF_LEAF_NAME,
     TensorRule,
@@ -268,7 +269,7 @@ def pool(hidden_btd: Array, attention_mask_bt: Array, pooling: Pooling) -> Array
     return sentence_bd / jnp.maximum(norm_b1, 1e-12)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "pooling"))
+@functools.partial(exported_jit, static_argnames=("cfg", "pooling"))
 def embed_batch(params: Params, cfg: BertConfig, pooling: Pooling, input_ids_bt: Array,
                 token_type_ids_bt: Array, attention_mask_bt: Array) -> Array:
     """Sentence vectors [B, D] of one padded batch."""

@@ -43,6 +43,7 @@ from keedit_jax.methods.finetune import OBJECTIVES, FinetuneConfig
 from keedit_jax.methods.grace import GraceConfig
 from keedit_jax.methods.structured import StructuredConfig
 from keedit_jax.models import GenerationConfig, LoadedModel, generate, load_model
+from keedit_jax.models.layers import codebook_of
 from keedit_jax.models.params import Params, down_proj_path, get_path, to_device
 from keedit_jax.models.tokenizer import encode_prompts, load_tokenizer, stop_token_ids
 from keedit_jax.organism.build import cache_root
@@ -184,11 +185,19 @@ EDITED_LAYERS = "edited_layers.safetensors"
 def save_edited_layers(file: Path, params: Params, path: tuple[str, ...],
                        layers: Sequence[int]) -> Path:
     """The edited down-projection kernels [F, D] as `layer_<i>` tensors (our orientation, see
-    keedit_jax.downstream), staged and renamed into place."""
-    kernels = parallel.to_host(layer_kernels(params, path, layers))
+    keedit_jax.downstream), staged and renamed into place. A GRACE edit leaves the kernels
+    as they were: its codebook is the edit, written beside them as `grace_<field>` tensors
+    (the layer in the metadata)."""
+    tensors = {f"layer_{layer}": k
+               for layer, k in parallel.to_host(layer_kernels(params, path, layers)).items()}
+    metadata = {"kernel_path": "/".join(path)}
+    book = codebook_of(params)
+    if book is not None:
+        tensors |= {f"grace_{name}": np.asarray(getattr(book, name))
+                    for name in ("keys", "values", "radii", "used", "labels")}
+        metadata["grace_layer"] = str(book.layer)
     with staged_file(file) as temporary:
-        save_file({f"layer_{layer}": k for layer, k in kernels.items()}, temporary,
-                  metadata={"kernel_path": "/".join(path)})
+        save_file(tensors, temporary, metadata=metadata)
     return file
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from keedit_jax import downstream, parallel, registry
+from keedit_jax.compile_cache import exported_jit
 from keedit_jax.data import Request
 from keedit_jax.intervene import Taps, run
 from keedit_jax.models.config import ModelConfig
@@ -113,7 +114,7 @@ def lookup_rows(tokenizer: Any, requests: Sequence[Request], templates: Sequence
     return LookupRows(tokens, mask, lookup)
 
 
-@partial(jax.jit, static_argnames=("cfg", "key_layer", "out_layer", "out_site"))
+@partial(exported_jit, static_argnames=("cfg", "key_layer", "out_layer", "out_site"))
 def read_sites(params: Params, cfg: ModelConfig, tokens: Array, mask: Array, key_layer: int,
                out_layer: int, lookup: Array | None = None,
                out_site: str = "block_out") -> tuple[Array, Array]:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from keedit_jax import parallel
+from keedit_jax.compile_cache import exported_jit
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.layers import CODEBOOK, AttnInputs, KVCache, attention_mask
 from keedit_jax.models.params import Params
@@ -140,7 +141,7 @@ def _decode_loop(first_logits: Array, step_fn, key: Array, gen: GenerationConfig
     return jax.lax.while_loop(cond, body, carry)[3]
 
 
-@partial(jax.jit, static_argnames=("cfg", "gen"))
+@partial(exported_jit, static_argnames=("cfg", "gen"))
 def _generate_cached(params: Params, cfg: ModelConfig, tokens_bt: Array, mask_bt: Array,
                      key: Array, gen: GenerationConfig) -> Array:
     """Prefill the prompt into a KV cache of T + max_new slots, then decode one token a step."""

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from keedit_jax import parallel
+from keedit_jax.compile_cache import exported_jit
 from keedit_jax.intervene import Shift, Taps, run
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.params import Params
@@ -340,7 +341,7 @@ def is_finite(trace: LossTerms, delta: Array) -> Array:
         jnp.isfinite(delta), axis=tuple(range(1, delta.ndim)))
 
 
-@partial(jax.jit, static_argnames=("cfg", "hp", "remat"))
+@partial(exported_jit, static_argnames=("cfg", "hp", "remat"))
 def optimise_shifts(params: Params, cfg: ModelConfig, batch: ShiftBatch, hp: TargetConfig,
                     remat: bool = False) -> ShiftResult:
     """Optimise every edit's shifts together and independently, as one compiled program.

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from keedit_jax.compile_cache import exported_jit
 from keedit_jax.intervene import Taps, run
 from keedit_jax.models.config import ModelConfig
 from keedit_jax.models.params import Params
@@ -98,7 +99,7 @@ def _upfront(params: Params, cfg: ModelConfig, hp: TargetConfig, wc: WindowConfi
     return jax.vmap(one_edit)(*_edit_rows(batch, problem))
 
 
-@partial(jax.jit, static_argnames=("cfg", "hp", "wc", "remat"))
+@partial(exported_jit, static_argnames=("cfg", "hp", "wc", "remat"))
 def compute_affinities(params: Params, cfg: ModelConfig, batch: WindowBatch, hp: TargetConfig,
                        wc: WindowConfig, remat: bool = False) -> Array:
     """[E, N, N] up-front affinities a_{i,k} (row i: stage i; a_{i,i} = 1)."""
@@ -129,7 +130,7 @@ def _window_reads(wc: WindowConfig, batch: WindowBatch, stage: Array) -> Array:
     return jax.vmap(lambda r, s: jax.lax.dynamic_slice(r, (s,), (size,)))(read_er, start)[:, None]
 
 
-@partial(jax.jit, static_argnames=("cfg", "hp", "wc", "remat", "prefix_cache", "window_reads"))
+@partial(exported_jit, static_argnames=("cfg", "hp", "wc", "remat", "prefix_cache", "window_reads"))
 def optimise_windows(params: Params, cfg: ModelConfig, batch: WindowBatch, hp: TargetConfig,
                      wc: WindowConfig, affinity: Array | None = None, remat: bool = False,
                      prefix_cache: bool = True, window_reads: bool = True) -> WindowResult:
@@ -179,7 +180,7 @@ def optimise_windows(params: Params, cfg: ModelConfig, batch: WindowBatch, hp: T
     return WindowResult(delta, problem.h, problem.h + delta, trace, updates, affinity, finite)
 
 
-@partial(jax.jit, static_argnames=("cfg", "hp"))
+@partial(exported_jit, static_argnames=("cfg", "hp"))
 def window_readings(params: Params, cfg: ModelConfig, batch: WindowBatch, hp: TargetConfig,
                     delta: Array | None = None) -> tuple[Array, Array]:
     """Under `params`, with every window's δ injected when given: the output of layer l_WM at
