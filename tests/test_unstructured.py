@@ -216,13 +216,21 @@ def _unkebench(answer_b: str, question_c: str) -> list[dict]:
             record(1, "Who?", answer_b), record(2, question_c, REQUESTS[1].answer)]
 
 
-def test_command_line_reports_bad_records_and_edits_the_rest(tmp_path, tiny_checkpoint,
-                                                             tiny_tokenizer_dir):
-    model = model_directory(tmp_path, tiny_checkpoint("llama"), tiny_tokenizer_dir)
+def _command_line_files(tmp_path, checkpoint, tokenizer_dir, records: list[dict]):
+    """The model directory, the statistics text and the UnKEBench file of a command-line run."""
+    model = model_directory(tmp_path, checkpoint, tokenizer_dir)
     text = tmp_path / "text.jsonl"
     text.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     dataset = tmp_path / "unke.json"
-    dataset.write_text(json.dumps(_unkebench("Hi.", "Tell me about " + "the tower " * 60)))
+    dataset.write_text(json.dumps(records))
+    return model, text, dataset
+
+
+def test_command_line_reports_bad_records_and_edits_the_rest(tmp_path, tiny_checkpoint,
+                                                             tiny_tokenizer_dir):
+    model, text, dataset = _command_line_files(
+        tmp_path, tiny_checkpoint("llama"), tiny_tokenizer_dir,
+        _unkebench("Hi.", "Tell me about " + "the tower " * 60))
     (tmp_path / "unke.facts.json").write_text(json.dumps([  # the fact side file, record 0's
         {"id": 0, "facts": [{"relation": "P19", "old": "Rome", "new": "Paris"}]}]))
     common = (f"--model={model}", "--method=muke", f"--dataset={dataset}",
@@ -283,12 +291,9 @@ def test_partial_json_resumes_only_the_run_that_wrote_it(tmp_path):
 @pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_uninterrupted_results(tmp_path, tiny_checkpoint,
                                                                  tiny_tokenizer_dir):
-    model = model_directory(tmp_path, tiny_checkpoint("llama"), tiny_tokenizer_dir)
-    text = tmp_path / "text.jsonl"
-    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    dataset = tmp_path / "unke.json"
     records = _unkebench("Hi.", REQUESTS[1].question)
-    dataset.write_text(json.dumps([records[0], records[2]]))
+    model, text, dataset = _command_line_files(tmp_path, tiny_checkpoint("llama"),
+                                               tiny_tokenizer_dir, [records[0], records[2]])
     out = tmp_path / "out"
     command = (f"--model={model}", "--method=muke", f"--dataset={dataset}",
                "--dataset_format=unkebench", "--layers=0,1", "--window_size=6",
