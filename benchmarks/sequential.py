@@ -37,6 +37,7 @@ EDITORS = {  # label -> flagfile
     "Memorize-the-latest": "configs/memorize_latest.cfg",
     "MetaKE": "configs/metake.cfg",
     "SPHERE": "configs/sphere.cfg",
+    "GRACE": "configs/grace_seq.cfg",
 }
 COLUMNS = ("efficacy", "generalisation", "specificity", "fluency", "perplexity",
            "top1_agreement")

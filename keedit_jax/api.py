@@ -28,7 +28,9 @@ from absl import logging
 
 from keedit_jax import downstream, flags, parallel, registry
 from keedit_jax.data import LongFormRecord, Request, read_dataset, read_longform
+from keedit_jax.intervene import with_codebook
 from keedit_jax.models import LoadedModel, gguf, load_model
+from keedit_jax.models.layers import codebook_of
 from keedit_jax.models.params import Params, down_proj_path, set_layers
 from keedit_jax.models.tokenizer import load_tokenizer
 from keedit_jax.upstream import EncodingError
@@ -38,6 +40,8 @@ from keedit_jax.upstream import EncodingError
 HPARAM_GROUPS = (flags.StructuredFlags, flags.LongFormFlags, flags.SequentialFlags,
                  flags.MetaKEFlags)
 RUN_HPARAMS = ("seed", "max_new_tokens")
+# Where a stream checkpoint's metadata records its GRACE codebook's capacity.
+CODEBOOK_CAPACITY = "codebook_capacity"
 
 
 def resolve_checkpoint(model: str | Path) -> Path:
@@ -354,7 +358,9 @@ class SequentialEditor:
     """A lifelong editor: each `edit(batch)` inserts into the model edited so far, carrying
     the solver state (MEMIT-seq's key Gram, AlphaEdit's key cache, LyapLock's queue, ...),
     as the sequential command line does; `save` / `restore` write and read an orbax
-    checkpoint of the edited layers and the state."""
+    checkpoint of the edited layers and the state. A method with no solver (GRACE) edits each
+    batch by its structured batch editor into the model so far: its state is what that
+    returns beside the weights (GRACE's codebook), checkpointed with them."""
 
     def __init__(self, model: LoadedModel | str | Path, method: str = "memit_seq",
                  **hparams: Any) -> None:
@@ -391,6 +397,14 @@ class SequentialEditor:
         self.settings = chosen
         self.editor = editor or make_editor(chosen.method, structured, chosen.sequential,
                                             chosen.metake)
+        self.edited, self.batches = lm.params, 0
+        self.prepared = None  # the batch editor of a method with no solver (GRACE)
+        if self.editor.solver is None:
+            self.prepared = PreparedStructured.build(lm, tokenizer, chosen.method, structured,
+                                                     chosen.seed)
+            self.config, self.templates = self.prepared.config, self.prepared.templates
+            self.solver, self.stats, self.refine, self.states = None, {}, None, {}
+            return
         self.solver = downstream.in_solve_dtype(self.editor.solver, structured.solve_dtype)
         self.config = structured_config("memit", structured, cfg.n_layers)
         self.templates = run_templates(lm.params, cfg, tokenizer, structured, chosen.seed)
@@ -402,10 +416,8 @@ class SequentialEditor:
         self.refine = None if self.editor.metake is None else metake_refiner(
             self.editor.metake, cfg, self.config.target, self.stats, self.config.layers,
             self.editor.hparams)
-        self.edited = lm.params
         self.states = downstream.init_states(self.solver, self.config.layers, cfg.d_ff,
                                              cfg.d_model)
-        self.batches = 0
 
     @property
     def params(self) -> Params:
@@ -427,16 +439,23 @@ class SequentialEditor:
         if isinstance(requests[0], LongFormRecord):
             raise ValueError("SequentialEditor edits structured requests (prompt, subject, "
                              "target)")
-        cfg = self.model.config
-        kept, failed = encodable_requests(self.tokenizer, requests, self.templates,
-                                          self.config.target, cfg.max_positions)
-        self.edited, self.states, diagnostics = edit_requests(
-            self.edited, cfg, self.tokenizer, kept, self.templates, self.stats, self.states,
-            self.config, solver=self.solver, refine=self.refine)
+        if self.prepared is not None:
+            result = self.prepared.apply(requests, self.edited)
+            report = {"diagnostics": result.report["diagnostics"], "fitted": {},
+                      "failed": result.report["failed"]}
+            self.edited = result.params
+        else:
+            cfg = self.model.config
+            kept, failed = encodable_requests(self.tokenizer, requests, self.templates,
+                                              self.config.target, cfg.max_positions)
+            self.edited, self.states, diagnostics = edit_requests(
+                self.edited, cfg, self.tokenizer, kept, self.templates, self.stats,
+                self.states, self.config, solver=self.solver, refine=self.refine)
+            report = {"diagnostics": diagnostics["requests"], "fitted": diagnostics["fitted"],
+                      "failed": {str(k): v for k, v in failed.items()}}
         jax.block_until_ready(self.edited)
         self.batches += 1
-        return {"diagnostics": diagnostics["requests"], "fitted": diagnostics["fitted"],
-                "failed": {str(k): v for k, v in failed.items()}}
+        return report
 
     def _checkpoints(self, directory: str | Path) -> Any:
         from keedit_jax.stream_checkpoint import StreamCheckpoints, run_fingerprint  # noqa: PLC0415
@@ -451,7 +470,37 @@ class SequentialEditor:
         return StreamCheckpoints(directory, run_fingerprint(settings), settings=settings,
                                  defaults=defaults)
 
-    def _stream_state(self) -> dict[str, Any]:
+    def stream_state(self) -> dict[str, Any]:
+        """What a checkpoint holds: the edited layers' kernels, the solver states and, once
+        the edited model has one, GRACE's codebook."""
+        book = codebook_of(self.edited)
+        return self._weights_state() if book is None else {**self._weights_state(),
+                                                           "codebook": book}
+
+    def state_metadata(self) -> dict[str, Any]:
+        """The codebook's capacity, which a checkpoint's metadata records: it doubles along
+        the stream, so a restore reads the shapes from the step (`state_like`)."""
+        book = codebook_of(self.edited)
+        return {} if book is None else {CODEBOOK_CAPACITY: book.capacity}
+
+    def state_like(self, meta: Mapping[str, Any]) -> dict[str, Any]:
+        """The structure of the `stream_state` a step with metadata `meta` holds."""
+        from keedit_jax.methods.grace import blank_codebook  # noqa: PLC0415 (heavy)
+
+        if CODEBOOK_CAPACITY not in meta:
+            return self._weights_state()
+        book = blank_codebook(self.model.config, self.config.layer, meta[CODEBOOK_CAPACITY])
+        return {**self._weights_state(), "codebook": book}
+
+    def load_state(self, batches: int, state: Mapping[str, Any]) -> None:
+        """Continue after `batches` batches from a checkpoint's `stream_state`."""
+        edited = set_layers(self.model.params, down_proj_path(self.model.config),
+                            state["kernels"])
+        self.edited = (with_codebook(edited, state["codebook"]) if "codebook" in state
+                       else edited)
+        self.states, self.batches = state["solver"], batches
+
+    def _weights_state(self) -> dict[str, Any]:
         from keedit_jax.methods.run_structured import layer_kernels  # noqa: PLC0415
 
         return {"kernels": layer_kernels(self.edited, down_proj_path(self.model.config),
@@ -460,21 +509,20 @@ class SequentialEditor:
     def save(self, directory: str | Path) -> None:
         """An orbax checkpoint of the edited layers and solver state after `self.batches`."""
         store = self._checkpoints(directory)
-        store.save(self.batches, self._stream_state(), {"batches": self.batches})
+        store.save(self.batches, self.stream_state(),
+                   {"batches": self.batches, **self.state_metadata()})
         store.close()
 
     def restore(self, directory: str | Path) -> None:
         """The latest checkpoint `save` wrote with the same model and settings (another
         configuration's is refused: CheckpointMismatchError)."""
         store = self._checkpoints(directory)
-        restored = store.restore(self._stream_state())
+        restored = store.restore(self.state_like)
         store.close()
         if restored is None:
             raise FileNotFoundError(f"{directory}: no checkpoint of a SequentialEditor")
-        self.batches, state, _ = restored
-        self.edited = set_layers(self.model.params, down_proj_path(self.model.config),
-                                         state["kernels"])
-        self.states = state["solver"]
+        batches, state, _ = restored
+        self.load_state(batches, state)
 
 
 # ---------------------------------------------------------------- evaluation

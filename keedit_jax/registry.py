@@ -22,16 +22,19 @@ LONGFORM_PROTOCOLS = ("by_dataset", "longform")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MethodRecord:
     """A method: its protocol (by_dataset: structured, its --sequential stream, or long form
-    by the dataset; structured: the structured protocol only), the long-form token-weight
-    strategy (long-form capable methods only), the downstream solver (a structured method's is
-    built by a `solver_factory`), the key statistic that solver reads, and its paper.
+    by the dataset; structured: the structured protocol, and its --sequential stream when it
+    has a sequential editor: GRACE, whose stream state is its codebook), the long-form
+    token-weight strategy (long-form capable methods only), the downstream solver (a
+    structured method's is built by a `solver_factory`), the key statistic that solver reads,
+    and its paper.
 
     solver_factory:    "module:function" building the structured solver from a
                        `methods.structured.StructuredConfig`; given once per solver name, by
                        the first record of that solver (the others share it).
     sequential_editor: "module:function" building a streaming method's editor from its
                        flags (`methods.run_sequential.Editor`); every method that can stream
-                       (sequential, or by_dataset with --sequential) has one.
+                       (sequential, or by_dataset with --sequential) has one, and a structured
+                       batch editor may (its stream state lives in the parameters it returns).
     post_processing:   whether --post_processing (PRUNE, RECT) applies to its stream.
     batch_editor:      "module:function" editing one structured batch itself, for a method
                        with no target shift and no closed-form solve (fine-tuning): then
@@ -69,9 +72,11 @@ class MethodRecord:
             raise ValueError(f"{self.name}: a batch editor is a structured method with no "
                              "solver factory and no statistics")
         streams = self.protocol in ("sequential", "by_dataset")
-        if streams != bool(self.sequential_editor):
-            raise ValueError(f"{self.name}: a {self.protocol} method "
-                             f"{'needs' if streams else 'has no'} sequential editor")
+        if streams and not self.sequential_editor:
+            raise ValueError(f"{self.name}: a {self.protocol} method needs sequential editor")
+        if self.sequential_editor and not (streams or self.batch_editor):
+            raise ValueError(f"{self.name}: a {self.protocol} method has no sequential editor "
+                             "(a structured one streams only through its batch editor)")
         if self.post_processing and not streams:
             raise ValueError(f"{self.name}: post-processing applies to streams only")
         if self.longform and not self.strategy:
@@ -132,6 +137,7 @@ RECORDS = (
                  paper="Zhang et al. 2024, A Comprehensive Study of Knowledge Editing, FT-M"),
     MethodRecord(name="grace", protocol="structured", solver="grace", statistics="none",
                  batch_editor="keedit_jax.methods.grace:grace_requests",
+                 sequential_editor=f"{_SEQ}:params_state_editor",
                  paper="Hartvigsen et al. 2023, Aging with GRACE: Lifelong Model Editing "
                  "with Discrete Key-Value Adaptors (NeurIPS)"),
     MethodRecord(name="unke", protocol="longform", strategy="one_for_all", solver="unke",

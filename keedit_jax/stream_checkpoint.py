@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -105,11 +105,14 @@ class StreamCheckpoints:
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
         self.manager.wait_until_finished()
 
-    def restore(self, like: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    def restore(self, like: Any | Callable[[Mapping[str, Any]], Any]
+                ) -> tuple[int, Any, dict[str, Any]] | None:
         """The latest intact (step, state, metadata), with `like` giving the state's
-        structure, shapes and dtypes; None when the directory holds no step. A damaged step
-        is skipped with a warning for the one before it (the stream replays what follows);
-        when every step is damaged, CheckpointDamagedError names the directory."""
+        structure, shapes and dtypes, or building them from the step's metadata (a state
+        whose shapes change along the stream: GRACE's codebook doubles its capacity); None
+        when the directory holds no step. A damaged step is skipped with a warning for the
+        one before it (the stream replays what follows); when every step is damaged,
+        CheckpointDamagedError names the directory."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
             try:
@@ -126,12 +129,14 @@ class StreamCheckpoints:
                 "damaged; delete it or run with --noresume to start over")
         return None
 
-    def _restore_step(self, step: int, like: Any) -> tuple[int, Any, dict[str, Any]]:
+    def _restore_step(self, step: int, like: Any | Callable[[Mapping[str, Any]], Any]
+                      ) -> tuple[int, Any, dict[str, Any]]:
         meta = self.manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"]
         if meta.get("fingerprint") != self.fingerprint:
             self._check_settings(step, meta)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                                like(meta) if callable(like) else like)
         state = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract)))["state"]
         return step, state, meta

@@ -113,7 +113,8 @@ def test_every_method_that_can_stream_has_a_sequential_editor_and_no_other_does(
     from keedit_jax.methods.run_sequential import SEQUENTIAL_EDITORS, make_editor
 
     streaming = {r.name for r in registry.RECORDS if r.protocol in ("sequential", "by_dataset")}
-    assert set(SEQUENTIAL_EDITORS) == streaming
+    assert set(SEQUENTIAL_EDITORS) == streaming | {"grace"}  # a batch editor's stream
+    assert make_editor("grace", StructuredFlags(), SequentialFlags()).solver is None
     for name in streaming:
         editor = make_editor(name, StructuredFlags(), SequentialFlags())
         assert editor.stats_kind == registry.method_record(name).statistics, name
@@ -127,5 +128,8 @@ def test_streaming_and_editor_go_together():
         registry.MethodRecord(name="x", protocol="sequential", **plain)
     with pytest.raises(ValueError, match="x: a structured method has no sequential editor"):
         registry.MethodRecord(name="x", protocol="structured", sequential_editor="m:f", **plain)
+    batch = {**plain, "statistics": "none", "batch_editor": "a:f"}  # its state in the params
+    assert registry.MethodRecord(name="x", protocol="structured", sequential_editor="m:f",
+                                 **batch).sequential_editor == "m:f"
     with pytest.raises(ValueError, match="post-processing applies to streams only"):
         registry.MethodRecord(name="x", protocol="structured", post_processing=True, **plain)

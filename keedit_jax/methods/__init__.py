@@ -66,19 +66,20 @@ def structured_only_refusal(method: str, data: Any, sequential: bool) -> str:
         return (f"--method={method} edits structured (subject, relation, object) requests "
                 f"only: {what} is long form (long-form methods: "
                 f"{', '.join(r.name for r in RECORDS if r.longform)})")
-    if sequential:
+    if sequential and not method_record(method).sequential_editor:
         return f"--method={method} has no sequential protocol: drop --sequential"
     return ""
 
 
 def _structured_only(**kwargs: Any) -> dict[str, Any]:
-    """A structured-only method (ROME): the structured protocol, nothing else."""
+    """A structured method: the structured protocol (ROME: nothing else), or with --sequential
+    the stream of one whose record has a sequential editor (GRACE)."""
     configs = kwargs["configs"]
     refusal = structured_only_refusal(configs["EditFlags"].method, configs["DataFlags"],
                                       configs["EditFlags"].sequential)
     if refusal:
         raise ValueError(refusal)
-    return _structured(**kwargs)
+    return (_sequential if configs["EditFlags"].sequential else _structured)(**kwargs)
 
 
 PROTOCOLS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -120,8 +121,11 @@ def check_method_flags(configs: dict[str, Any]) -> None:
         raise ValueError(f"--categories selects EditEverything categories; --dataset_format="
                          f"{data.dataset_format} has none")
     sequential = REGISTRY[method] is _sequential or (
-        REGISTRY[method] is _by_dataset and configs["EditFlags"].sequential
+        REGISTRY[method] in (_by_dataset, _structured_only) and configs["EditFlags"].sequential
         and not _is_longform(configs["DataFlags"]))
+    if configs["RunFlags"].export_gguf and record.batch_editor and sequential:
+        raise ValueError(f"--export_gguf: the stream of --method={method} keeps its edit "
+                         "beside the weights (GRACE's codebook), which a GGUF file cannot hold")
     if configs["RunFlags"].export_gguf and not sequential:
         raise ValueError("--export_gguf applies to sequential runs (memit_seq, ..., or --method="
                          "memit/alphaedit --sequential): the other protocols edit the unedited "

@@ -179,6 +179,12 @@ def empty_entries(cfg: ModelConfig) -> Entries:
                    np.zeros((0,), np.float32), np.zeros((0,), bool), np.zeros((0,), np.int32))
 
 
+def blank_codebook(cfg: ModelConfig, layer: int, capacity: int) -> Codebook:
+    """A codebook of `capacity` unused slots: the structure a stream checkpoint of a codebook
+    that size restores into (capacity doubles along a stream)."""
+    return to_device(grown(empty_entries(cfg), capacity), layer)
+
+
 def to_host(book: Codebook) -> Entries:
     return Entries(*(np.array(a) for a in parallel.to_host(
         (book.keys, book.values, book.radii, book.used, book.labels))))

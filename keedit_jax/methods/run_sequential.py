@@ -21,6 +21,7 @@ A killed run started again with the same flags resumes at its last checkpoint (s
 | lyaplock | the virtual-queue solve (lyaplock §2.5-2.6) |
 | metake | AlphaEdit with its key cache, targets refined by `methods.metake` first |
 | sphere | AlphaEdit with its key cache, each ΔW projected by SPHERE's P⊥ = I − αUUᵀ |
+| grace --sequential | no solver: each batch into the codebook so far (`methods.grace`) |
 
 `memit` with --post_processing=rect is naive RECT (per batch); with prune, naive PRUNE: one
 log-compression of W_T − W₀ against σ_max(W₀) after the last batch (§3.5).
@@ -73,10 +74,12 @@ from keedit_jax.methods.run_structured import (
     load_structured_run,
     log_batch,
     save_edited_layers,
+    stats_source,
     unedited_neighbours,
 )
 from keedit_jax.models.checkpoint import export_gguf
 from keedit_jax.models.params import Params, down_proj_path, get_path, set_layers, to_device
+from keedit_jax.organism.build import cache_root
 from keedit_jax.plots import CURVE_METRICS, plot_curves
 from keedit_jax.registry import RECORDS, load_factory
 from keedit_jax.stream_checkpoint import StreamCheckpoints, run_fingerprint
@@ -88,13 +91,21 @@ StatsKind = str
 @dataclasses.dataclass(frozen=True)
 class Editor:
     """A sequential editor: the per-layer solver, the statistics it reads, and whether the
-    naive PRUNE log-compression runs once after the stream."""
+    naive PRUNE log-compression runs once after the stream. No solver: the method's
+    structured batch editor edits each batch, its state in the parameters it returns
+    (GRACE's codebook)."""
 
-    solver: downstream.Solver
+    solver: downstream.Solver | None
     stats_kind: StatsKind
     prune_at_end: bool = False
     metake: MetaKEConfig | None = None  # MetaKE: refine the targets before the AlphaEdit solve
     hparams: Any = None  # the solver's (MetaKE's gate and LyapLock's queue weights read them)
+
+
+def params_state_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
+                        metake: MetaKEFlags) -> Editor:
+    """GRACE: no solver and no statistics; its stream state is its codebook."""
+    return Editor(None, "none")
 
 
 def lyaplock_editor(method: str, structured: StructuredFlags, seq: SequentialFlags,
@@ -187,7 +198,7 @@ def prune_total_update(params: Params, original: Params, path: tuple[str, ...],
 
 def queue_weights(states: Mapping[int, Any], editor: Editor) -> dict[str, float]:
     """LyapLock's preservation weight w = a·Z/V per layer (1 while the constraint holds)."""
-    if editor.solver.name != "lyaplock":
+    if editor.solver is None or editor.solver.name != "lyaplock":
         return {}
     return {f"lyaplock_w_layer{layer}": round(float(downstream.preservation_weight(
         state, editor.hparams)), 4) for layer, state in states.items()}
@@ -312,7 +323,9 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
     flags: StructuredFlags = configs["StructuredFlags"]
     seq: SequentialFlags = configs["SequentialFlags"]
     editor = make_editor(edit.method, flags, seq, configs["MetaKEFlags"])  # before loading
-    loaded = load_structured_run(checkpoint, model, data, flags)
+    # a solver streams MEMIT's targets at its layers; a batch editor reads its own config
+    loaded = load_structured_run(checkpoint, model, data, flags,
+                                 "memit" if editor.solver else edit.method)
     cfg, original, tokenizer = loaded.cfg, loaded.params, loaded.tokenizer
     chosen = Settings(edit.method, flags, configs["LongFormFlags"], seq, configs["MetaKEFlags"],
                       run.seed, run.max_new_tokens)
@@ -323,7 +336,8 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
     records = encodable(loaded.records, tokenizer, templates, config.target, failed,
                         cfg.max_positions)
     records = unedited_neighbours([records])[0]  # the stream edits every subject
-    probe = GeneralProbe.build(original, cfg, tokenizer, seq, drift_source=loaded.source,
+    drift_source = loaded.source or stats_source(checkpoint, flags, cache_root() / "stats")
+    probe = GeneralProbe.build(original, cfg, tokenizer, seq, drift_source=drift_source,
                                skip=flags.stats_samples)
     path = down_proj_path(cfg)
     batches = [records[i:i + edit.edit_batch_size]
@@ -339,12 +353,11 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
     registry = FactRegistry.empty(len({fact_key(r) for r in records}), config.layers,
                                   cfg.d_ff, cfg.d_model) if seq.resolve_conflicts else None
 
-    def stream_state() -> dict[str, Any]:
-        state = {"kernels": layer_kernels(stream.edited, path, config.layers),
-                 "solver": stream.states}
+    def stream_state(state: dict[str, Any]) -> dict[str, Any]:
         return {**state, "registry": registry.arrays()} if registry else state
 
-    restored = store.restore(stream_state()) if seq.resume else None
+    restored = (store.restore(lambda meta: stream_state(stream.state_like(meta)))
+                if seq.resume else None)
     if not seq.resume:
         store.clear()
     if restored is None:
@@ -356,8 +369,7 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
         position = 0
     else:
         position, state, progress = restored
-        stream.edited = set_layers(original, path, state["kernels"])
-        stream.states, stream.batches = state["solver"], position
+        stream.load_state(position, state)
         if registry:
             registry.load(state["registry"])
         logging.info("resuming %s at batch %d/%d (%d edits done) from %s", edit.method,
@@ -388,7 +400,8 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
             progress["history"].append(point)
             logging.info("after %d edits: %s", done, point)
         if (index + 1) % seq.checkpoint_every == 0 or last:
-            store.save(index + 1, stream_state(), progress)
+            store.save(index + 1, stream_state(stream.stream_state()),
+                       {**progress, **stream.state_metadata()})
         interrupts.raise_pending()  # after the batch's checkpoint
         save_progress(Path(run.output_dir), progress)
     store.close()
