@@ -458,15 +458,16 @@ class SequentialEditor:
         return report
 
     def _checkpoints(self, directory: str | Path) -> Any:
-        from keedit_jax.stream_checkpoint import StreamCheckpoints, run_fingerprint  # noqa: PLC0415
+        from keedit_jax.stream_checkpoint import (  # noqa: PLC0415
+            StreamCheckpoints,
+            group_settings,
+            run_fingerprint,
+        )
 
-        groups = {name: getattr(self.settings, name)
-                  for name in ("structured", "sequential", "metake")}
+        groups, defaults = group_settings({name: getattr(self.settings, name)
+                                           for name in ("structured", "sequential", "metake")})
         settings = {"method": {"name": self.method}, "model": {"path": str(self.model.path)},
-                    "templates": {"texts": list(self.templates)},
-                    **{name: dataclasses.asdict(group) for name, group in groups.items()}}
-        defaults = {name: {f.name: f.default for f in dataclasses.fields(group)}
-                    for name, group in groups.items()}
+                    "templates": {"texts": list(self.templates)}, **groups}
         return StreamCheckpoints(directory, run_fingerprint(settings), settings=settings,
                                  defaults=defaults)
 

@@ -42,6 +42,7 @@ EXPORT_DIR = "export"
 PACKAGE = "keedit_jax"
 # The pytree node types jax.export serializes itself.
 BUILTIN_NODES = (dict, list, tuple, type(None))
+UNSTABLE_REPR = " at 0x"  # in object.__repr__: an address, other in every process
 
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path | None:
@@ -145,6 +146,8 @@ class ExportedJit:
         functools.update_wrapper(self, self.fn)
 
     def __getattr__(self, name: str) -> Any:
+        if "jitted" not in self.__dict__:  # not initialised (e.g. mid-copy)
+            raise AttributeError(name)
         return getattr(self.__dict__["jitted"], name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -159,16 +162,22 @@ class ExportedJit:
         if any(isinstance(x, jax.core.Tracer) for x in leaves):  # inside another program
             return self.jitted(*args, **kwargs)
         key = self.key(static, treedef, leaves)
+        if key is None:  # nothing another process could find: no artifact to write
+            return self.jitted(*args, **kwargs)
         if key not in self.programs:
             self.programs[key] = self.load(directory / f"{key}.jaxexport", static, dynamic)
         program = self.programs[key]
         return self.jitted(*args, **kwargs) if program is None else program(*dynamic)
 
-    def key(self, static: dict[str, Any], treedef: Any, leaves: Sequence[Any]) -> str:
-        """A hash of all the program depends on; a static value without a stable text (an
-        object's default repr, e.g. a function) gives a key no other process finds."""
-        text = json.dumps([type_name(self.fn), source_digest(), repr(sorted(static.items())),
-                           str(treedef), [_abstract(x) for x in leaves]])
+    def key(self, static: dict[str, Any], treedef: Any, leaves: Sequence[Any]) -> str | None:
+        """A hash of all the program depends on, or None when a static value or pytree
+        auxiliary datum has no stable text (an object's default repr, e.g. a function): its
+        artifact would be written anew by every process and never read."""
+        described = f"{sorted(static.items())!r} {treedef}"
+        if UNSTABLE_REPR in described:
+            return None
+        text = json.dumps([type_name(self.fn), source_digest(), described,
+                           [_abstract(x) for x in leaves]])
         return f"{self.fn.__name__}-{hashlib.sha256(text.encode()).hexdigest()[:32]}"
 
     def load(self, path: Path, static: dict[str, Any], dynamic: tuple) -> Callable | None:

@@ -11,6 +11,7 @@ data, hyperparameters) is refused rather than mixing two runs' states.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -55,6 +56,15 @@ def run_fingerprint(configs: Mapping[str, Any]) -> str:
 
 def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def group_settings(groups: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Settings by group of frozen-dataclass groups (a flag group, a library config), and each
+    field's default: what a resumed run is compared on (`setting_changes`)."""
+    settings = {name: dataclasses.asdict(group) for name, group in groups.items()}
+    defaults = {name: {f.name: f.default for f in dataclasses.fields(group)}
+                for name, group in groups.items()}
+    return settings, defaults
 
 
 def setting_changes(saved: Mapping[str, Any], current: Mapping[str, Any],

@@ -121,8 +121,13 @@ def test_inside_a_trace_without_a_cache_or_unexportable_it_is_plain_jit(cache_di
     inner = jax.jit(lambda s, v: program(s, v, power=2).total)(shift, x)
     np.testing.assert_array_equal(inner, expected.total)
     assert not (cache_dir / "export").exists()  # inlined into the outer program
-    odd = Shift(positions=shift.positions, delta=shift.delta, layer=3, site=object())
+    unstable = Shift(positions=shift.positions, delta=shift.delta, layer=3, site=object())
+    got = program(unstable, x, power=2)  # a static field whose text holds an address
+    np.testing.assert_array_equal(got.total, expected.total)
+    assert not (cache_dir / "export").exists()  # an artifact no other process would find
+    odd = Shift(positions=shift.positions, delta=shift.delta, layer=3, site=frozenset("a"))
     with caplog.at_level("WARNING"):
         got = program(odd, x, power=2)  # a static field JSON cannot hold
     assert "without an exported copy" in caplog.text
     np.testing.assert_array_equal(got.total, expected.total)
+    assert not list((cache_dir / "export").glob("*.jaxexport"))

@@ -82,7 +82,7 @@ from keedit_jax.models.params import Params, down_proj_path, get_path, set_layer
 from keedit_jax.organism.build import cache_root
 from keedit_jax.plots import CURVE_METRICS, plot_curves
 from keedit_jax.registry import RECORDS, load_factory
-from keedit_jax.stream_checkpoint import StreamCheckpoints, run_fingerprint
+from keedit_jax.stream_checkpoint import StreamCheckpoints, group_settings, run_fingerprint
 
 # What each solver reads per layer: E[kkᵀ], the projector P, or both (OteStats).
 StatsKind = str
@@ -342,10 +342,8 @@ def run_sequential(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, An
     path = down_proj_path(cfg)
     batches = [records[i:i + edit.edit_batch_size]
                for i in range(0, len(records), edit.edit_batch_size)]
-    resolved = {name: dataclasses.asdict(c) for name, c in configs.items()}
+    resolved, defaults = group_settings(configs)
     resolved["templates"] = {"texts": list(templates)}  # sampled: the flags alone do not fix them
-    defaults = {name: {f.name: f.default for f in dataclasses.fields(c)}
-                for name, c in configs.items()}
     store = StreamCheckpoints(seq.checkpoint_dir or Path(run.output_dir) / "checkpoints",
                               run_fingerprint(resolved), settings=resolved, defaults=defaults)
     progress: dict[str, Any] = {"history": [], "applied": [], "seconds": [], "slots": {},

@@ -70,7 +70,11 @@ from keedit_jax.models.generate import bucket, left_pad
 from keedit_jax.models.params import Params, down_proj_path, to_device
 from keedit_jax.models.tokenizer import encode_prompts, load_tokenizer, stop_token_ids
 from keedit_jax.organism.build import cache_root
-from keedit_jax.stream_checkpoint import PartialMismatchError, setting_changes
+from keedit_jax.stream_checkpoint import (
+    PartialMismatchError,
+    group_settings,
+    setting_changes,
+)
 from keedit_jax.upstream import EncodingError, TargetConfig
 from keedit_jax.upstream.longform import EncodedEdit, WindowConfig, encode_edits, pack_windows
 from keedit_jax.upstream.windowed import compute_affinities
@@ -540,14 +544,6 @@ def resumed_progress(path: Path, settings: dict[str, Any], defaults: dict[str, A
     return progress
 
 
-def run_settings(configs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The run's settings by flag group, and their defaults, as a resumed run compares them."""
-    settings = {name: dataclasses.asdict(c) for name, c in configs.items()}
-    defaults = {name: {f.name: f.default for f in dataclasses.fields(c)}
-                for name, c in configs.items()}
-    return settings, defaults
-
-
 def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, Any]:
     model: ModelFlags = configs["ModelFlags"]
     data: DataFlags = configs["DataFlags"]
@@ -575,7 +571,7 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
         raise EncodingError(f"none of the {len(records)} records can be edited: "
                             + "; ".join(failed.values()))
     case_ids = [str(r.case_id) for r in records]
-    settings, defaults = run_settings(configs)
+    settings, defaults = group_settings(configs)
     output = Path(run.output_dir)
     # results.json marks a finished run, which --overwrite (checked before) runs again whole
     interrupted = configs["SequentialFlags"].resume and not (output / "results.json").exists()
@@ -595,7 +591,7 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
                                    run.max_new_tokens, flags.temperature, run.seed)
     sheets = FactSheets.for_dataset(dataset, records)
     pre = score(asked, pre_answers, embed, sheets)
-    failed = {str(k): v for k, v in failed.items()} | progress.failed
+    progress.failed = {str(k): v for k, v in failed.items()} | progress.failed
     current, edited = params, None
     for start in range(0, len(edits), edit.edit_batch_size):
         batch_edits = edits[start:start + edit.edit_batch_size]
@@ -607,7 +603,7 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
         edited, dropped = result.params, result.report["failed"]
         jax.block_until_ready(edited)
         progress.seconds.append(time.perf_counter() - began)
-        failed.update(dropped)
+        progress.failed.update(dropped)
         windows = result.report["diagnostics"].get("windows", [])
         log_windows(windows)
         progress.diagnostics += windows
@@ -621,12 +617,11 @@ def run_unstructured(*, checkpoint: Path, configs: dict[str, Any]) -> dict[str, 
         current = edited if edit.sequential else params
         logging.info("edited %d/%d (%.1f s for this batch of %d)", start + len(batch_edits),
                      len(edits), progress.seconds[-1], len(batch_edits))
-        progress.failed = failed
         save_partial(output, [row for row in pre if row["record"] in progress.edited],
                      progress, settings, case_ids)
         interrupts.raise_pending()
     post, seconds, edited_ids = progress.post, progress.seconds, progress.edited
-    diagnostics = progress.diagnostics
+    diagnostics, failed = progress.diagnostics, progress.failed
     if config.solver != "unke" and (edit.sequential or len(edits) <= edit.edit_batch_size):
         # the run's one edited model (UnKE's regression changes whole layers: not written)
         if edited is None:
